@@ -1,0 +1,211 @@
+//! The `batchline` command line: parses arguments and hands over to the
+//! library. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use batchline::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "batchline",
+    version,
+    about = "Kafka requests in, provider batch jobs out, one result per request"
+)]
+struct Cli {
+    /// Configuration file layered over the defaults (then BATCHLINE__* variables).
+    #[arg(long, global = true, env = "BATCHLINE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format: text or json (default: log.format).
+    #[arg(long, global = true)]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the stream processor.
+    Run,
+    /// Run the provider simulator (OpenAI-compatible batch API).
+    Sim(SimArgs),
+    /// Produce requests from a JSONL file to the input topic.
+    Send {
+        /// One request message per line.
+        file: PathBuf,
+        /// Brokers (default: kafka.brokers).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Follow the results topic until every request has a result.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    listen: String,
+    /// Keep files here (default: a temporary directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Require this API key (default: any non-empty key).
+    #[arg(long, env = "SIM_API_KEY")]
+    api_key: Option<String>,
+    /// Time a batch spends validating.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    validate_duration: Duration,
+    /// Time a batch spends in progress.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    batch_duration: Duration,
+    /// Time a batch spends finalizing.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    finalize_duration: Duration,
+    /// Fraction of requests that fail (deterministic by custom_id).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Fraction of batches that fail validation.
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Fraction of batches that fail with token_limit_exceeded.
+    #[arg(long, default_value_t = 0.0)]
+    token_limit_rate: f64,
+    /// Fraction of batches that expire.
+    #[arg(long, default_value_t = 0.0)]
+    expire_rate: f64,
+    /// Fraction of an expiring batch's lines that complete first.
+    #[arg(long, default_value_t = 0.5)]
+    expire_completed_fraction: f64,
+    /// Fraction of API calls answered 429.
+    #[arg(long, default_value_t = 0.0)]
+    http_429_rate: f64,
+    /// Fraction of API calls answered 500.
+    #[arg(long, default_value_t = 0.0)]
+    http_5xx_rate: f64,
+    /// Fraction of creates that create the batch and then answer 500.
+    #[arg(long, default_value_t = 0.0)]
+    ambiguous_create_rate: f64,
+    /// retry-after sent with 429s.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    retry_after: Duration,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM; exits at once on a second.
+fn spawn_signal_handler(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n > 0 {
+                eprintln!("second signal: exiting now");
+                std::process::exit(130);
+            }
+            tracing::info!("shutting down (a second signal exits at once)");
+            token.cancel();
+        }
+    });
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+
+    let cli = Cli::parse();
+    let format = |cfg_format: LogFormat| match cli.log_format.as_deref() {
+        Some("json") => LogFormat::Json,
+        Some(_) => LogFormat::Text,
+        None => cfg_format,
+    };
+    match cli.command {
+        Command::Run => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            init_logging(format(cfg.log.format));
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            batchline::app::run(cfg, shutdown).await?;
+            Ok(())
+        }
+        Command::Sim(args) => {
+            init_logging(format(LogFormat::Text));
+            let listener = tokio::net::TcpListener::bind(&args.listen)
+                .await
+                .with_context(|| format!("binding {}", args.listen))?;
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            tracing::info!(listen = %args.listen, "simulator serving /openai/v1 and /v1");
+            let config = batchline::sim::SimConfig {
+                data_dir: args.data_dir,
+                api_key: args.api_key,
+                validate_duration: args.validate_duration,
+                batch_duration: args.batch_duration,
+                finalize_duration: args.finalize_duration,
+                error_rate: args.error_rate,
+                fail_rate: args.fail_rate,
+                token_limit_rate: args.token_limit_rate,
+                expire_rate: args.expire_rate,
+                expire_completed_fraction: args.expire_completed_fraction,
+                http_429_rate: args.http_429_rate,
+                http_5xx_rate: args.http_5xx_rate,
+                ambiguous_create_rate: args.ambiguous_create_rate,
+                retry_after: args.retry_after,
+                seed: args.seed,
+            };
+            batchline::sim::serve(listener, config, shutdown).await?;
+            Ok(())
+        }
+        Command::Send {
+            file,
+            brokers,
+            wait,
+            timeout,
+        } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            init_logging(format(cfg.log.format));
+            let brokers = brokers.unwrap_or(cfg.kafka.brokers.clone());
+            let opts = batchline::send::SendOptions {
+                brokers: &brokers,
+                requests_topic: &cfg.topics.requests,
+                results_topic: &cfg.topics.results,
+                wait,
+                timeout,
+            };
+            if let Some(summary) = batchline::send::send_file(&file, &opts).await? {
+                let total: u64 = summary.values().sum();
+                println!("{total} results:");
+                for (status, n) in summary {
+                    println!("  {status:<10} {n}");
+                }
+            }
+            Ok(())
+        }
+    }
+}

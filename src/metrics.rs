@@ -1,0 +1,311 @@
+//! Every metric batchline exports, declared once. Each event has a named
+//! method so the counter and the code that causes it move together. Labels
+//! are of low cardinality only: provider, model, status, reason; never a
+//! custom_id or a batch id.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::collector::Collected;
+use crate::model::RejectReason;
+use crate::packer::Route;
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests_consumed: IntCounter,
+    requests_rejected: IntCounterVec,
+    results_published: IntCounterVec,
+    held_requests: IntGauge,
+    held_bytes: IntGauge,
+    open_windows: IntGauge,
+    batches_submitted: IntCounterVec,
+    batches_in_flight: IntGaugeVec,
+    batches_ended: IntCounterVec,
+    batch_requests: HistogramVec,
+    batch_bytes: HistogramVec,
+    batch_duration: HistogramVec,
+    ambiguous_creates: IntCounterVec,
+    route_failing: IntGaugeVec,
+    tokens: IntCounterVec,
+    cost: prometheus::CounterVec,
+    consumer_paused: IntGauge,
+    commit_lag: Histogram,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let requests_consumed =
+            IntCounter::new("batchline_requests_consumed_total", "Input messages read.")
+                .expect("valid metric");
+        r.register(Box::new(requests_consumed.clone()))
+            .expect("metric registered once");
+        let requests_rejected = counter_vec(
+            &r,
+            "batchline_requests_rejected_total",
+            "Input messages refused, by reason.",
+            &["reason"],
+        );
+        for reason in RejectReason::ALL {
+            requests_rejected.with_label_values(&[reason.as_str()]);
+        }
+        let duration_buckets = vec![
+            1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0,
+            172800.0,
+        ];
+        let commit_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "batchline_request_latency_seconds",
+                "Time from an input message's timestamp to its result's delivery.",
+            )
+            .buckets(duration_buckets.clone()),
+        )
+        .expect("valid metric");
+        r.register(Box::new(commit_lag.clone()))
+            .expect("metric registered once");
+        Metrics {
+            requests_consumed,
+            requests_rejected,
+            results_published: counter_vec(
+                &r,
+                "batchline_results_published_total",
+                "Results delivered, by provider and status.",
+                &["provider", "status"],
+            ),
+            held_requests: gauge(
+                &r,
+                "batchline_held_requests",
+                "Requests read and not yet answered.",
+            ),
+            held_bytes: gauge(
+                &r,
+                "batchline_spool_bytes",
+                "Bytes of batch input held in spool files.",
+            ),
+            open_windows: gauge(
+                &r,
+                "batchline_open_windows",
+                "Windows open for new requests.",
+            ),
+            batches_submitted: counter_vec(
+                &r,
+                "batchline_batches_submitted_total",
+                "Provider batches created.",
+                &["provider", "model"],
+            ),
+            batches_in_flight: gauge_vec(
+                &r,
+                "batchline_batches_in_flight",
+                "Provider batches created and not yet collected.",
+                &["provider"],
+            ),
+            batches_ended: counter_vec(
+                &r,
+                "batchline_batches_ended_total",
+                "Provider batches ended, by final state.",
+                &["provider", "status"],
+            ),
+            batch_requests: histogram_vec(
+                &r,
+                "batchline_batch_requests",
+                "Requests per submitted batch.",
+                &["provider"],
+                vec![
+                    1.0, 10.0, 100.0, 1000.0, 5000.0, 10000.0, 25000.0, 50000.0, 100000.0,
+                ],
+            ),
+            batch_bytes: histogram_vec(
+                &r,
+                "batchline_batch_bytes",
+                "Input bytes per submitted batch.",
+                &["provider"],
+                prometheus::exponential_buckets(1024.0, 4.0, 10).expect("valid buckets"),
+            ),
+            batch_duration: histogram_vec(
+                &r,
+                "batchline_batch_duration_seconds",
+                "Time from window open to provider batch end.",
+                &["provider"],
+                duration_buckets,
+            ),
+            ambiguous_creates: counter_vec(
+                &r,
+                "batchline_ambiguous_creates_total",
+                "Creates whose outcome was unknown and resolved by lookup.",
+                &["provider"],
+            ),
+            route_failing: gauge_vec(
+                &r,
+                "batchline_provider_failing",
+                "1 while a provider refuses credentials or quota.",
+                &["provider"],
+            ),
+            tokens: counter_vec(
+                &r,
+                "batchline_tokens_total",
+                "Tokens billed, by provider, model and direction.",
+                &["provider", "model", "direction"],
+            ),
+            cost: {
+                let c = prometheus::CounterVec::new(
+                    Opts::new("batchline_cost_usd_total", "Estimated spend in USD."),
+                    &["provider", "model"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
+            consumer_paused: gauge(
+                &r,
+                "batchline_consumer_paused",
+                "1 while consumption is paused for backpressure.",
+            ),
+            commit_lag,
+            registry: r,
+        }
+    }
+
+    pub fn request_consumed(&self) {
+        self.requests_consumed.inc();
+    }
+
+    pub fn request_rejected(&self, reason: RejectReason) {
+        self.requests_rejected
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    pub fn rejection_published(&self) {
+        self.results_published
+            .with_label_values(&["", "rejected"])
+            .inc();
+    }
+
+    pub fn held(&self, requests: u64, bytes: u64, windows: usize) {
+        self.held_requests.set(requests as i64);
+        self.held_bytes.set(bytes as i64);
+        self.open_windows.set(windows as i64);
+    }
+
+    pub fn consumer_paused(&self, paused: bool) {
+        self.consumer_paused.set(paused as i64);
+    }
+
+    pub fn batch_submitted(&self, route: &Route, requests: usize, bytes: u64) {
+        self.batches_submitted
+            .with_label_values(&[&route.provider, &route.model])
+            .inc();
+        self.batches_in_flight
+            .with_label_values(&[&route.provider])
+            .inc();
+        self.batch_requests
+            .with_label_values(&[&route.provider])
+            .observe(requests as f64);
+        self.batch_bytes
+            .with_label_values(&[&route.provider])
+            .observe(bytes as f64);
+    }
+
+    pub fn batch_ended(&self, route: &Route, state: &str, age: Duration) {
+        self.batches_in_flight
+            .with_label_values(&[&route.provider])
+            .dec();
+        self.batches_ended
+            .with_label_values(&[&route.provider, state])
+            .inc();
+        self.batch_duration
+            .with_label_values(&[&route.provider])
+            .observe(age.as_secs_f64());
+    }
+
+    pub fn results_published(&self, route: &Route, c: &Collected) {
+        for (status, n) in &c.by_status {
+            self.results_published
+                .with_label_values(&[&route.provider, status.as_str()])
+                .inc_by(*n);
+        }
+        self.tokens
+            .with_label_values(&[&route.provider, &route.model, "input"])
+            .inc_by(c.input_tokens);
+        self.tokens
+            .with_label_values(&[&route.provider, &route.model, "output"])
+            .inc_by(c.output_tokens);
+        if c.cost_usd > 0.0 {
+            self.cost
+                .with_label_values(&[&route.provider, &route.model])
+                .inc_by(c.cost_usd);
+        }
+    }
+
+    pub fn result_latency(&self, seconds: f64) {
+        self.commit_lag.observe(seconds.max(0.0));
+    }
+
+    pub fn ambiguous_create(&self, provider: &str) {
+        self.ambiguous_creates.with_label_values(&[provider]).inc();
+    }
+
+    pub fn route_failing(&self, provider: &str) {
+        self.route_failing.with_label_values(&[provider]).set(1);
+    }
+
+    pub fn route_ok(&self, provider: &str) {
+        self.route_failing.with_label_values(&[provider]).set(0);
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding never fails");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}

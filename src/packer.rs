@@ -1,0 +1,554 @@
+//! Windows: requests of one input partition and one route (provider, model,
+//! endpoint), streamed to a spool file as they arrive and sealed into a
+//! batch when full (`max_requests`, `max_bytes`) or old (`max_wait`).
+//!
+//! A window keeps only about 30 bytes of memory per request: the request's
+//! input offset, where its metadata lies in the side file, and a hash of its
+//! `custom_id`. Bodies and metadata live on disk. The packer is a plain
+//! synchronous struct that takes `now` as an argument.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::config::{ProviderKind, RouteLimits};
+
+/// Where a request goes: a provider, a model and an endpoint. Requests of
+/// one route share a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub provider: Arc<str>,
+    pub kind: ProviderKind,
+    pub model: Arc<str>,
+    pub endpoint: &'static str,
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}{}", self.provider, self.model, self.endpoint)
+    }
+}
+
+/// A request as the packer takes it, borrowed from the input message.
+#[derive(Debug, Clone, Copy)]
+pub struct PackRequest<'a> {
+    pub custom_id: &'a str,
+    pub body: &'a RawValue,
+    pub metadata: Option<&'a RawValue>,
+    pub offset: i64,
+    /// The input message's timestamp (Unix milliseconds).
+    pub timestamp_ms: Option<i64>,
+}
+
+/// What the side file keeps of each request for its result.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RequestMeta {
+    pub custom_id: String,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub metadata: Option<Box<RawValue>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("custom_id `{0}` is already in an open window of this route")]
+    Duplicate(String),
+    #[error("request line of {size} bytes exceeds the route's max_bytes of {max}")]
+    TooLarge { size: u64, max: u64 },
+    #[error("writing spool file {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn hash_custom_id(id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(id.as_bytes())
+}
+
+/// A sealed window, ready to submit: its spool files and the small index
+/// that maps provider result lines back to input offsets.
+#[derive(Debug)]
+pub struct SealedBatch {
+    /// Local batch id, unique forever: `bl-<partition>-<uuidv7>`.
+    pub id: String,
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub route: Route,
+    /// The batch input: one line per request in the route's format.
+    pub input_path: PathBuf,
+    /// One [`RequestMeta`] line per request, in input order.
+    pub meta_path: PathBuf,
+    pub input_bytes: u64,
+    /// Input offsets, in request order.
+    pub offsets: Vec<i64>,
+    /// `meta_pos[i]..meta_pos[i + 1]` is request i's line in the side file.
+    meta_pos: Vec<u64>,
+    index: HashMap<u64, u32>,
+    pub opened_at: Instant,
+    pub attempt: u32,
+}
+
+impl SealedBatch {
+    pub fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    /// The position of `custom_id` in this batch. A hash match is confirmed
+    /// against the side file by [`Self::read_meta`]'s caller.
+    pub fn index_of(&self, custom_id: &str) -> Option<usize> {
+        self.index
+            .get(&hash_custom_id(custom_id))
+            .map(|&i| i as usize)
+    }
+
+    /// Opens the side file for [`Self::read_meta`].
+    pub fn open_meta(&self) -> io::Result<File> {
+        File::open(&self.meta_path)
+    }
+
+    /// Reads request `i`'s metadata with a positioned read.
+    pub fn read_meta(&self, file: &File, i: usize) -> io::Result<RequestMeta> {
+        let start = self.meta_pos[i];
+        let len = (self.meta_pos[i + 1] - start) as usize;
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, start)?;
+        serde_json::from_slice(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Removes the spool files.
+    pub fn remove_files(&self) {
+        let _ = std::fs::remove_file(&self.input_path);
+        let _ = std::fs::remove_file(&self.meta_path);
+    }
+}
+
+struct Window {
+    id: String,
+    partition: i32,
+    route: Route,
+    limits: RouteLimits,
+    opened_at: Instant,
+    input_path: PathBuf,
+    meta_path: PathBuf,
+    input: BufWriter<File>,
+    meta: BufWriter<File>,
+    input_bytes: u64,
+    offsets: Vec<i64>,
+    meta_pos: Vec<u64>,
+    index: HashMap<u64, u32>,
+}
+
+impl Window {
+    fn open(
+        dir: &Path,
+        partition: i32,
+        route: &Route,
+        limits: RouteLimits,
+        now: Instant,
+    ) -> Result<Window, PackError> {
+        let id = format!("bl-{partition}-{}", uuid::Uuid::now_v7());
+        let input_path = dir.join(format!("{id}.jsonl"));
+        let meta_path = dir.join(format!("{id}.meta.jsonl"));
+        let create = |path: &Path| {
+            File::create(path)
+                .map(|f| BufWriter::with_capacity(64 * 1024, f))
+                .map_err(|source| PackError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+        };
+        Ok(Window {
+            input: create(&input_path)?,
+            meta: create(&meta_path)?,
+            id,
+            partition,
+            route: route.clone(),
+            limits,
+            opened_at: now,
+            input_path,
+            meta_path,
+            input_bytes: 0,
+            offsets: Vec::new(),
+            meta_pos: vec![0],
+            index: HashMap::new(),
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    fn is_full(&self) -> bool {
+        self.len() >= self.limits.max_requests as usize || self.input_bytes >= self.limits.max_bytes
+    }
+
+    fn write(&mut self, req: &PackRequest<'_>, line: &[u8]) -> Result<(), PackError> {
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| PackError::Io { path, source }
+        };
+        self.input
+            .write_all(line)
+            .map_err(io_err(&self.input_path))?;
+        let meta = RequestMeta {
+            custom_id: req.custom_id.to_owned(),
+            offset: req.offset,
+            timestamp_ms: req.timestamp_ms,
+            metadata: req.metadata.map(|m| m.to_owned()),
+        };
+        let mut meta_line = serde_json::to_vec(&meta).expect("metadata serialises");
+        meta_line.push(b'\n');
+        self.meta
+            .write_all(&meta_line)
+            .map_err(io_err(&self.meta_path))?;
+        self.input_bytes += line.len() as u64;
+        let end = self.meta_pos.last().copied().unwrap_or(0) + meta_line.len() as u64;
+        self.meta_pos.push(end);
+        self.index
+            .insert(hash_custom_id(req.custom_id), self.offsets.len() as u32);
+        self.offsets.push(req.offset);
+        Ok(())
+    }
+
+    fn seal(mut self, topic: &Arc<str>) -> Result<SealedBatch, PackError> {
+        self.input.flush().map_err(|source| PackError::Io {
+            path: self.input_path.clone(),
+            source,
+        })?;
+        self.meta.flush().map_err(|source| PackError::Io {
+            path: self.meta_path.clone(),
+            source,
+        })?;
+        Ok(SealedBatch {
+            id: self.id,
+            topic: topic.clone(),
+            partition: self.partition,
+            route: self.route,
+            input_path: self.input_path,
+            meta_path: self.meta_path,
+            input_bytes: self.input_bytes,
+            offsets: self.offsets,
+            meta_pos: self.meta_pos,
+            index: self.index,
+            opened_at: self.opened_at,
+            attempt: 1,
+        })
+    }
+
+    fn discard(self) {
+        drop(self.input);
+        drop(self.meta);
+        let _ = std::fs::remove_file(&self.input_path);
+        let _ = std::fs::remove_file(&self.meta_path);
+    }
+}
+
+/// Encodes one request as a line of the route's batch input: OpenAI's JSONL
+/// (OpenAI and xAI) or an Anthropic `requests[]` item.
+pub fn encode_line(
+    kind: ProviderKind,
+    endpoint: &str,
+    custom_id: &str,
+    body: &RawValue,
+) -> Vec<u8> {
+    // custom_id is [A-Za-z0-9_-] and endpoint one of a fixed list: neither
+    // needs JSON escaping; the body is copied verbatim.
+    let body = body.get();
+    let mut line = Vec::with_capacity(body.len() + custom_id.len() + endpoint.len() + 64);
+    line.extend_from_slice(b"{\"custom_id\":\"");
+    line.extend_from_slice(custom_id.as_bytes());
+    match kind {
+        ProviderKind::Anthropic => line.extend_from_slice(b"\",\"params\":"),
+        ProviderKind::Openai | ProviderKind::Xai => {
+            line.extend_from_slice(b"\",\"method\":\"POST\",\"url\":\"");
+            line.extend_from_slice(endpoint.as_bytes());
+            line.extend_from_slice(b"\",\"body\":");
+        }
+    }
+    line.extend_from_slice(body.as_bytes());
+    line.extend_from_slice(b"}\n");
+    line
+}
+
+/// The open windows of every partition this instance owns.
+pub struct Packer {
+    dir: PathBuf,
+    topic: Arc<str>,
+    windows: Vec<Window>,
+}
+
+/// Requests and bytes held in open windows, for backpressure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+impl Packer {
+    pub fn new(dir: impl Into<PathBuf>, topic: impl Into<Arc<str>>) -> io::Result<Packer> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)?;
+        Ok(Packer {
+            dir,
+            topic: topic.into(),
+            windows: Vec::new(),
+        })
+    }
+
+    /// Adds a request to its route's window, opening one if needed. Returns
+    /// the windows sealed by this request: the previous one when the request
+    /// would push it past `max_bytes`, and the current one when it is now
+    /// full.
+    pub fn add(
+        &mut self,
+        partition: i32,
+        route: &Route,
+        limits: RouteLimits,
+        req: &PackRequest<'_>,
+        now: Instant,
+    ) -> Result<Vec<SealedBatch>, PackError> {
+        let line = encode_line(route.kind, route.endpoint, req.custom_id, req.body);
+        let size = line.len() as u64;
+        if size > limits.max_bytes {
+            return Err(PackError::TooLarge {
+                size,
+                max: limits.max_bytes,
+            });
+        }
+        let hash = hash_custom_id(req.custom_id);
+        let mut sealed = Vec::new();
+        let pos = self
+            .windows
+            .iter()
+            .position(|w| w.partition == partition && &w.route == route);
+        if let Some(i) = pos {
+            if self.windows[i].index.contains_key(&hash) {
+                return Err(PackError::Duplicate(req.custom_id.to_owned()));
+            }
+            if self.windows[i].input_bytes + size > limits.max_bytes {
+                let full = self.windows.swap_remove(i);
+                sealed.push(full.seal(&self.topic)?);
+            }
+        }
+        let i = match self
+            .windows
+            .iter()
+            .position(|w| w.partition == partition && &w.route == route)
+        {
+            Some(i) => i,
+            None => {
+                self.windows
+                    .push(Window::open(&self.dir, partition, route, limits, now)?);
+                self.windows.len() - 1
+            }
+        };
+        self.windows[i].write(req, &line)?;
+        if self.windows[i].is_full() {
+            let full = self.windows.swap_remove(i);
+            sealed.push(full.seal(&self.topic)?);
+        }
+        Ok(sealed)
+    }
+
+    /// Seals every window whose oldest request has waited `max_wait`.
+    pub fn seal_due(&mut self, now: Instant) -> Result<Vec<SealedBatch>, PackError> {
+        let mut sealed = Vec::new();
+        let mut i = 0;
+        while i < self.windows.len() {
+            let w = &self.windows[i];
+            if now.saturating_duration_since(w.opened_at) >= w.limits.max_wait {
+                let w = self.windows.swap_remove(i);
+                sealed.push(w.seal(&self.topic)?);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(sealed)
+    }
+
+    /// When the next window falls due, if any is open.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.windows
+            .iter()
+            .map(|w| w.opened_at + w.limits.max_wait)
+            .min()
+    }
+
+    /// Discards the open windows of `partition` (revoked, or shutting down):
+    /// their requests stay uncommitted in the input topic. Returns what they
+    /// held.
+    pub fn discard_partition(&mut self, partition: i32) -> Held {
+        let mut held = Held::default();
+        let mut i = 0;
+        while i < self.windows.len() {
+            if self.windows[i].partition == partition {
+                let w = self.windows.swap_remove(i);
+                held.requests += w.len() as u64;
+                held.bytes += w.input_bytes;
+                w.discard();
+            } else {
+                i += 1;
+            }
+        }
+        held
+    }
+
+    /// Discards every open window. Returns what they held.
+    pub fn discard_all(&mut self) -> Held {
+        let mut held = Held::default();
+        for w in self.windows.drain(..) {
+            held.requests += w.len() as u64;
+            held.bytes += w.input_bytes;
+            w.discard();
+        }
+        held
+    }
+
+    pub fn open_windows(&self) -> usize {
+        self.windows.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn route(model: &str) -> Route {
+        Route {
+            provider: "openai".into(),
+            kind: ProviderKind::Openai,
+            model: model.into(),
+            endpoint: "/v1/chat/completions",
+        }
+    }
+
+    fn limits(max_requests: u32, max_bytes: u64) -> RouteLimits {
+        RouteLimits {
+            max_requests,
+            max_bytes,
+            max_wait: Duration::from_secs(10),
+        }
+    }
+
+    fn body() -> Box<RawValue> {
+        RawValue::from_string(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#.into())
+            .unwrap()
+    }
+
+    fn req<'a>(id: &'a str, body: &'a RawValue, offset: i64) -> PackRequest<'a> {
+        PackRequest {
+            custom_id: id,
+            body,
+            metadata: None,
+            offset,
+            timestamp_ms: Some(1_700_000_000_000),
+        }
+    }
+
+    #[test]
+    fn seals_on_request_count_and_writes_openai_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Packer::new(dir.path(), "in").unwrap();
+        let b = body();
+        let now = Instant::now();
+        assert!(p
+            .add(0, &route("m"), limits(2, 1 << 20), &req("a", &b, 0), now)
+            .unwrap()
+            .is_empty());
+        let sealed = p
+            .add(0, &route("m"), limits(2, 1 << 20), &req("b", &b, 1), now)
+            .unwrap();
+        assert_eq!(sealed.len(), 1);
+        let batch = &sealed[0];
+        assert_eq!(batch.offsets, vec![0, 1]);
+        assert!(batch.id.starts_with("bl-0-"));
+        let text = std::fs::read_to_string(&batch.input_path).unwrap();
+        let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(first["custom_id"], "a");
+        assert_eq!(first["method"], "POST");
+        assert_eq!(first["url"], "/v1/chat/completions");
+        assert_eq!(first["body"]["model"], "m");
+        let meta_file = batch.open_meta().unwrap();
+        let i = batch.index_of("b").unwrap();
+        let meta = batch.read_meta(&meta_file, i).unwrap();
+        assert_eq!((meta.custom_id.as_str(), meta.offset), ("b", 1));
+        assert_eq!(p.open_windows(), 0);
+    }
+
+    #[test]
+    fn seals_on_bytes_before_overflowing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Packer::new(dir.path(), "in").unwrap();
+        let b = body();
+        let line = encode_line(ProviderKind::Openai, "/v1/chat/completions", "a", &b).len() as u64;
+        let l = limits(100, line * 2 + 1);
+        let now = Instant::now();
+        assert!(p
+            .add(0, &route("m"), l, &req("a", &b, 0), now)
+            .unwrap()
+            .is_empty());
+        assert!(p
+            .add(0, &route("m"), l, &req("b", &b, 1), now)
+            .unwrap()
+            .is_empty());
+        let sealed = p.add(0, &route("m"), l, &req("c", &b, 2), now).unwrap();
+        assert_eq!(sealed.len(), 1);
+        assert_eq!(sealed[0].offsets, vec![0, 1]);
+        assert!(sealed[0].input_bytes <= l.max_bytes);
+        let err = p
+            .add(0, &route("m"), limits(100, 10), &req("d", &b, 3), now)
+            .unwrap_err();
+        assert!(matches!(err, PackError::TooLarge { .. }));
+    }
+
+    #[test]
+    fn seals_on_age_and_keeps_routes_and_partitions_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Packer::new(dir.path(), "in").unwrap();
+        let b = body();
+        let t0 = Instant::now();
+        let l = limits(100, 1 << 20);
+        p.add(0, &route("m1"), l, &req("a", &b, 0), t0).unwrap();
+        p.add(0, &route("m2"), l, &req("a", &b, 1), t0).unwrap();
+        p.add(
+            1,
+            &route("m1"),
+            l,
+            &req("a", &b, 0),
+            t0 + Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(p.open_windows(), 3);
+        assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(10)));
+        assert!(p.seal_due(t0 + Duration::from_secs(9)).unwrap().is_empty());
+        let sealed = p.seal_due(t0 + Duration::from_secs(10)).unwrap();
+        assert_eq!(sealed.len(), 2);
+        assert!(sealed.iter().all(|b| b.partition == 0));
+        assert_eq!(p.open_windows(), 1);
+    }
+
+    #[test]
+    fn duplicate_custom_id_in_a_window_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Packer::new(dir.path(), "in").unwrap();
+        let b = body();
+        let now = Instant::now();
+        let l = limits(100, 1 << 20);
+        p.add(0, &route("m"), l, &req("a", &b, 0), now).unwrap();
+        let err = p.add(0, &route("m"), l, &req("a", &b, 1), now).unwrap_err();
+        assert!(matches!(err, PackError::Duplicate(_)));
+        let held = p.discard_partition(0);
+        assert_eq!(held.requests, 1);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
