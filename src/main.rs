@@ -46,6 +46,9 @@ enum Command {
         /// Give up waiting after this long.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Print the first N results as they arrive (with --wait).
+        #[arg(long, default_value_t = 0)]
+        show: usize,
     },
 }
 
@@ -187,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
             brokers,
             wait,
             timeout,
+            show,
         } => {
             let cfg = Config::load(cli.config.as_deref())?;
             init_logging(format(cfg.log.format));
@@ -197,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
                 results_topic: &cfg.topics.results,
                 wait,
                 timeout,
+                show,
             };
             if let Some(summary) = batchline::send::send_file(&file, &opts).await? {
                 let total: u64 = summary.values().sum();

@@ -37,6 +37,8 @@ pub struct SendOptions<'a> {
     /// Follow the results topic until every sent custom_id has a result.
     pub wait: bool,
     pub timeout: Duration,
+    /// Print this many results (pretty JSON) as they arrive.
+    pub show: usize,
 }
 
 /// Counts of results by status.
@@ -54,6 +56,8 @@ pub async fn send_file(file: &Path, opts: &SendOptions<'_>) -> Result<Option<Sum
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()?;
+    // Where the results of this send will start: the current end of the
+    // results topic, or its beginning if it does not exist yet.
     let start_offsets = if opts.wait {
         Some(high_watermarks(opts.brokers, opts.results_topic)?)
     } else {
@@ -71,7 +75,8 @@ pub async fn send_file(file: &Path, opts: &SendOptions<'_>) -> Result<Option<Sum
         let key = serde_json::from_str::<serde_json::Value>(&line)
             .ok()
             .and_then(|v| v["custom_id"].as_str().map(str::to_owned));
-        if let Some(k) = &key {
+        // Invalid custom_ids are answered on the DLQ only.
+        if let Some(k) = key.as_ref().filter(|k| crate::model::is_valid_custom_id(k)) {
             ids.insert(k.clone());
         }
         let producer = producer.clone();
@@ -106,15 +111,35 @@ pub async fn send_file(file: &Path, opts: &SendOptions<'_>) -> Result<Option<Sum
         )
         .set("enable.auto.commit", "false")
         .create()?;
+    let started = Instant::now();
+    let start: Vec<(i32, i64)> = match start {
+        Some(offsets) => offsets,
+        // The results topic did not exist when we started: everything in it
+        // once it appears is new.
+        None => loop {
+            if let Some(partitions) = high_watermarks(opts.brokers, opts.results_topic)? {
+                break partitions.into_iter().map(|(p, _)| (p, 0)).collect();
+            }
+            if started.elapsed() > opts.timeout {
+                return Err(SendError::Timeout {
+                    waited: opts.timeout,
+                    missing: ids.len(),
+                    total: ids.len(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        },
+    };
     let mut tpl = TopicPartitionList::new();
     for (p, o) in &start {
         tpl.add_partition_offset(opts.results_topic, *p, Offset::Offset(*o))?;
     }
     consumer.assign(&tpl)?;
     let total = ids.len();
-    let started = Instant::now();
     let mut summary = Summary::new();
     let mut last_report = Instant::now();
+    let mut shown = 0;
+    let mut reported = usize::MAX;
     tokio::task::block_in_place(|| {
         while !ids.is_empty() {
             if started.elapsed() > opts.timeout {
@@ -124,9 +149,10 @@ pub async fn send_file(file: &Path, opts: &SendOptions<'_>) -> Result<Option<Sum
                     total,
                 });
             }
-            if last_report.elapsed() > Duration::from_secs(2) {
-                eprintln!("{} of {total} results in {:?}", total - ids.len(), summary);
+            if last_report.elapsed() > Duration::from_secs(2) && reported != ids.len() {
+                eprintln!("{} of {total} results: {summary:?}", total - ids.len());
                 last_report = Instant::now();
+                reported = ids.len();
             }
             let Some(m) = consumer.poll(Duration::from_millis(200)) else {
                 continue;
@@ -136,9 +162,17 @@ pub async fn send_file(file: &Path, opts: &SendOptions<'_>) -> Result<Option<Sum
                 continue;
             };
             if ids.remove(key) {
-                let status = m
+                let value = m
                     .payload()
-                    .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                    .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok());
+                if shown < opts.show {
+                    if let Some(v) = &value {
+                        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+                        shown += 1;
+                    }
+                }
+                let status = value
+                    .as_ref()
                     .and_then(|v| v["status"].as_str().map(str::to_owned))
                     .unwrap_or_else(|| "unknown".into());
                 *summary.entry(status).or_default() += 1;
@@ -162,19 +196,23 @@ where
     Ok(())
 }
 
-/// The current end offset of every partition of `topic` (empty when the
-/// topic does not exist yet).
-fn high_watermarks(brokers: &str, topic: &str) -> Result<Vec<(i32, i64)>, SendError> {
+/// The current end offset of every partition of `topic`, or `None` when the
+/// topic does not exist yet.
+fn high_watermarks(brokers: &str, topic: &str) -> Result<Option<Vec<(i32, i64)>>, SendError> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
+        .set("allow.auto.create.topics", "false")
         .create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
     let mut out = Vec::new();
     for t in md.topics() {
+        if t.error().is_some() || t.partitions().is_empty() {
+            return Ok(None);
+        }
         for p in t.partitions() {
             let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(30))?;
             out.push((p.id(), high));
         }
     }
-    Ok(out)
+    Ok((!out.is_empty()).then_some(out))
 }

@@ -7,7 +7,7 @@
 //! inject faults, the data directory, and the billing ledger that
 //! `GET /sim/stats` reports so tests can prove no request was paid twice.
 //! A provider module exposes `router(Arc<Sim>) -> io::Result<Router>`,
-//! renders the faults [`Sim::roll_call_fault`] picks in its own error shape,
+//! renders the faults `Sim::roll_call_fault` picks in its own error shape,
 //! and is nested in `build` below.
 //!
 //! The simulator never talks to a real provider and never holds a whole file
