@@ -274,7 +274,16 @@ pub fn encode_line(
             line.extend_from_slice(b"\",\"body\":");
         }
     }
+    // Raw line breaks in valid JSON can only be whitespace between tokens
+    // (inside strings they must be escaped): a pretty-printed body becomes
+    // one line by turning them into spaces.
+    let start = line.len();
     line.extend_from_slice(body.as_bytes());
+    for b in &mut line[start..] {
+        if *b == b'\n' || *b == b'\r' {
+            *b = b' ';
+        }
+    }
     line.extend_from_slice(b"}\n");
     line
 }
@@ -535,6 +544,19 @@ mod tests {
         assert_eq!(sealed.len(), 2);
         assert!(sealed.iter().all(|b| b.partition == 0));
         assert_eq!(p.open_windows(), 1);
+    }
+
+    #[test]
+    fn pretty_printed_bodies_become_one_line() {
+        let body = RawValue::from_string("{\n  \"model\": \"m\",\r\n  \"x\": \"a\\nb\"\n}".into())
+            .unwrap();
+        let line = encode_line(ProviderKind::Openai, "/v1/chat/completions", "a", &body);
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["body"]["x"], "a\nb");
+        let line = encode_line(ProviderKind::Anthropic, "/v1/messages", "a", &body);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["params"]["model"], "m");
     }
 
     #[test]

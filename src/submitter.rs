@@ -248,7 +248,7 @@ async fn resolve_ambiguous(
     }
     let mut attempt = 0;
     loop {
-        match provider.find_by_tag(&batch.id, file_id).await {
+        match provider.find_by_tag(batch, file_id).await {
             Ok(found) => {
                 match &found {
                     Some(pb) => {

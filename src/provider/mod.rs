@@ -8,7 +8,9 @@
 //! that was never sent (a connect error) or a definite refusal that asks for
 //! it (429 rate limits) may be sent again.
 
+pub mod anthropic;
 pub mod openai;
+pub mod xai;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -260,11 +262,12 @@ pub trait Provider: Send + Sync {
     /// Maps one downloaded result line.
     fn parse_result_line(&self, line: &str) -> Result<LineOutcome, String>;
 
-    /// Finds the batch tagged `tag` (and created from `file_id`, when the
-    /// provider has files), for resolving an ambiguous create.
+    /// Finds the provider batch created for `batch` (tagged with its local
+    /// id, and created from `file_id` when the provider has files), for
+    /// resolving an ambiguous create.
     async fn find_by_tag(
         &self,
-        tag: &str,
+        batch: &SealedBatch,
         file_id: Option<&str>,
     ) -> Result<Option<ProviderBatch>, ProviderError>;
 
@@ -280,13 +283,8 @@ pub fn build(
     let http = HttpClient::new(name, cfg, retry)?;
     Ok(match cfg.kind {
         ProviderKind::Openai => Arc::new(openai::OpenAi::new(http)),
-        ProviderKind::Anthropic | ProviderKind::Xai => {
-            return Err(ProviderError::Decode {
-                provider: name.into(),
-                op: "configuring provider".into(),
-                message: format!("provider kind `{}` is not supported yet", cfg.kind.as_str()),
-            })
-        }
+        ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(http)),
+        ProviderKind::Xai => Arc::new(xai::Xai::new(http)),
     })
 }
 
@@ -429,6 +427,22 @@ impl HttpClient {
         // Full jitter keeps a fleet of instances from retrying in lockstep.
         exp.mul_f64(0.5 + rand::random::<f64>() * 0.5)
     }
+}
+
+/// Unix seconds of the UUIDv7 inside a local batch id `bl-<p>-<uuid>`.
+pub fn local_id_time(local_id: &str) -> Option<i64> {
+    let uuid = local_id.splitn(3, '-').nth(2)?;
+    let (secs, _) = uuid::Uuid::parse_str(uuid).ok()?.get_timestamp()?.to_unix();
+    Some(secs as i64)
+}
+
+/// Unix seconds of an RFC 3339 instant or a bare date (xAI sends both).
+pub fn parse_time(s: &str) -> Option<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp());
+    }
+    let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    Some(d.and_hms_opt(0, 0, 0)?.and_utc().timestamp())
 }
 
 /// `retry-after-ms`, then `retry-after` (seconds or an HTTP date).

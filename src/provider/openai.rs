@@ -15,8 +15,8 @@ use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
 
 use super::{
-    BatchError, BatchState, CreateError, HttpClient, LineOutcome, LineResult, Provider,
-    ProviderBatch, ProviderError, RequestCounts,
+    local_id_time, BatchError, BatchState, CreateError, HttpClient, LineOutcome, LineResult,
+    Provider, ProviderBatch, ProviderError, RequestCounts,
 };
 use crate::config::ProviderKind;
 use crate::model::{ErrorInfo, Status};
@@ -325,13 +325,6 @@ pub fn parse_output_line(line: &str) -> Result<LineOutcome, String> {
     })
 }
 
-/// Unix seconds of the UUIDv7 inside a local batch id `bl-<p>-<uuid>`.
-fn local_id_time(local_id: &str) -> Option<i64> {
-    let uuid = local_id.splitn(3, '-').nth(2)?;
-    let (secs, _) = uuid::Uuid::parse_str(uuid).ok()?.get_timestamp()?.to_unix();
-    Some(secs as i64)
-}
-
 #[async_trait]
 impl Provider for OpenAi {
     fn name(&self) -> &str {
@@ -467,11 +460,12 @@ impl Provider for OpenAi {
 
     async fn find_by_tag(
         &self,
-        tag: &str,
+        batch: &SealedBatch,
         file_id: Option<&str>,
     ) -> Result<Option<ProviderBatch>, ProviderError> {
         // Listings are newest first and cannot filter: page back until
         // batches older than the local batch itself (less a margin).
+        let tag = batch.id.as_str();
         let oldest = local_id_time(tag).map(|t| t - 3600);
         let mut after: Option<String> = None;
         for _ in 0..1000 {
