@@ -286,6 +286,9 @@ impl Pricing {
     /// a dated snapshot is priced as its alias).
     pub fn price(&self, provider: &str, model: &str) -> Option<Price> {
         let models = self.table.get(provider)?;
+        // Configuration keys are case-insensitive (the config crate lowers them).
+        let model = model.to_ascii_lowercase();
+        let model = model.as_str();
         models
             .iter()
             .find(|(m, _)| m == model)
