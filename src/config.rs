@@ -672,22 +672,46 @@ mod tests {
     #[test]
     fn default_providers_and_prices() {
         let cfg = Config::load_from(None, env(&[])).unwrap();
-        let kinds: Vec<_> = cfg.providers.iter().map(|(n, p)| (n.as_str(), p.kind, p.base_url.as_str())).collect();
+        let kinds: Vec<_> = cfg
+            .providers
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.kind, p.base_url.as_str()))
+            .collect();
         assert_eq!(
             kinds,
             vec![
-                ("anthropic", ProviderKind::Anthropic, "https://api.anthropic.com/v1"),
+                (
+                    "anthropic",
+                    ProviderKind::Anthropic,
+                    "https://api.anthropic.com/v1"
+                ),
                 ("openai", ProviderKind::Openai, "https://api.openai.com/v1"),
                 ("xai", ProviderKind::Xai, "https://api.x.ai/v1"),
             ]
         );
-        assert_eq!(cfg.providers["anthropic"].headers["anthropic-version"], "2023-06-01");
+        assert_eq!(
+            cfg.providers["anthropic"].headers["anthropic-version"],
+            "2023-06-01"
+        );
         // Dotted model names survive the layering.
         assert_eq!(cfg.pricing["xai"]["grok-4.3"].batch_discount, 0.2);
         assert_eq!(cfg.pricing["openai"]["gpt-4.1-mini"].input_per_mtok, 0.40);
-        assert_eq!(cfg.pricing["anthropic"]["claude-haiku-4-5"].batch_discount, 0.5);
-        let cfg = Config::load_from(None, env(&[("BATCHLINE__PROVIDERS__ANTHROPIC__BASE_URL", "http://127.0.0.1:1/anthropic/v1")])).unwrap();
-        assert_eq!(cfg.providers["anthropic"].base_url, "http://127.0.0.1:1/anthropic/v1");
+        assert_eq!(
+            cfg.pricing["anthropic"]["claude-haiku-4-5"].batch_discount,
+            0.5
+        );
+        let cfg = Config::load_from(
+            None,
+            env(&[(
+                "BATCHLINE__PROVIDERS__ANTHROPIC__BASE_URL",
+                "http://127.0.0.1:1/anthropic/v1",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.providers["anthropic"].base_url,
+            "http://127.0.0.1:1/anthropic/v1"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod collector;
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod journal;
 pub mod metrics;
 pub mod model;
 pub mod offsets;

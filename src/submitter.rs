@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::model::{ErrorInfo, Status};
 use crate::offsets::OffsetTracker;
 use crate::packer::SealedBatch;
-use crate::provider::{CreateError, Provider, ProviderBatch, ProviderError};
+use crate::provider::{BatchState, CreateError, Provider, ProviderBatch, ProviderError};
 use crate::publisher::Publisher;
 use crate::tracker::{self, TrackOptions, Tracked};
 
@@ -88,7 +88,11 @@ fn log_panic(joined: Result<(), tokio::task::JoinError>) {
 
 /// How submission ended.
 enum Submission {
-    Created(ProviderBatch),
+    /// `adopted`: found by lookup after an ambiguous create.
+    Created {
+        pb: ProviderBatch,
+        adopted: bool,
+    },
     /// The provider refused the batch for good: every request errors.
     Refused(ErrorInfo),
     Abandoned,
@@ -195,7 +199,7 @@ async fn submit(
                 Ok(pb) => {
                     ctx.metrics.route_ok(provider.name());
                     crate::crash_point!("after_create");
-                    return Submission::Created(pb);
+                    return Submission::Created { pb, adopted: false };
                 }
                 Err(CreateError::Refused(e)) => {
                     let action = classify_refusal(&e);
@@ -222,7 +226,7 @@ async fn submit(
                     ctx.metrics.ambiguous_create(provider.name());
                     match resolve_ambiguous(ctx, provider, batch, file_id.as_deref(), abandon).await
                     {
-                        Some(Some(pb)) => return Submission::Created(pb),
+                        Some(Some(pb)) => return Submission::Created { pb, adopted: true },
                         Some(None) => continue 'upload,
                         None => return Submission::Abandoned,
                     }
@@ -303,36 +307,51 @@ async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: Cancella
         pricing: &ctx.pricing,
         spool_dir: &ctx.spool_dir,
     };
-    let submission = submit(&ctx, provider, &batch, &abandon).await;
-    let pb = match submission {
-        Submission::Abandoned => return,
-        Submission::Refused(error) => {
-            tracing::error!(batch = %batch.id, error = %error.message, "provider refused the batch; every request errors");
-            finish(
-                &ctx,
-                &collect_ctx,
-                &batch,
-                None,
-                Outcome::All(Status::Errored, error),
-                &abandon,
-            )
-            .await;
-            return;
+    let (input_file, tracked) = loop {
+        let (pb, adopted) = match submit(&ctx, provider, &batch, &abandon).await {
+            Submission::Abandoned => return,
+            Submission::Refused(error) => {
+                tracing::error!(batch = %batch.id, error = %error.message, "provider refused the batch; every request errors");
+                finish(
+                    &ctx,
+                    &collect_ctx,
+                    &batch,
+                    None,
+                    Outcome::All(Status::Errored, error),
+                    &abandon,
+                )
+                .await;
+                return;
+            }
+            Submission::Created { pb, adopted } => (pb, adopted),
+        };
+        tracing::info!(batch = %batch.id, provider_batch = %pb.id, requests = batch.len(), bytes = batch.input_bytes, adopted, "batch submitted");
+        ctx.metrics
+            .batch_submitted(&batch.route, batch.len(), batch.input_bytes);
+        let opts = TrackOptions {
+            poll_interval: slot.poll_interval,
+            deadline: batch.opened_at + ctx.batch.deadline,
+            not_found_grace: ctx.batch.lookup_grace,
+            max_backoff: ctx.retry.max_backoff,
+        };
+        let input_file = pb.input_file_id.clone();
+        let tracked = tracker::track(provider, pb, &opts, &abandon).await;
+        if let Tracked::Ended(pb) = &tracked {
+            // An adopted batch whose input file we deleted to fence the
+            // create may fail validation: nothing ran, so submit again.
+            if adopted
+                && pb.state == BatchState::Failed
+                && pb.counts.completed == 0
+                && pb.output_file_id.is_none()
+            {
+                tracing::warn!(batch = %batch.id, provider_batch = %pb.id, "adopted batch failed before any request ran; submitting again");
+                ctx.metrics
+                    .batch_ended(&batch.route, pb.state.as_str(), started.elapsed());
+                continue;
+            }
         }
-        Submission::Created(pb) => pb,
+        break (input_file, tracked);
     };
-    tracing::info!(batch = %batch.id, provider_batch = %pb.id, requests = batch.len(), bytes = batch.input_bytes, "batch submitted");
-    ctx.metrics
-        .batch_submitted(&batch.route, batch.len(), batch.input_bytes);
-
-    let opts = TrackOptions {
-        poll_interval: slot.poll_interval,
-        deadline: batch.opened_at + ctx.batch.deadline,
-        not_found_grace: ctx.batch.lookup_grace,
-        max_backoff: ctx.retry.max_backoff,
-    };
-    let input_file = pb.input_file_id.clone();
-    let tracked = tracker::track(provider, pb, &opts, &abandon).await;
     drop(permit);
     match tracked {
         Tracked::Abandoned => {}
