@@ -74,11 +74,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
         if p.api_key.is_none() {
             continue;
         }
-        let adapter =
-            provider::build(name, p, &cfg.retry).map_err(|source| AppError::Provider {
+        let adapter = provider::build(name, p, &cfg.retry, &metrics).map_err(|source| {
+            AppError::Provider {
                 name: name.clone(),
                 source,
-            })?;
+            }
+        })?;
         providers.insert(
             name.clone(),
             ProviderSlot {
@@ -98,6 +99,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
         batch: cfg.batch.clone(),
         retry: cfg.retry.clone(),
         metrics: metrics.clone(),
+        known_batches: Default::default(),
     });
 
     let http_listener = tokio::net::TcpListener::bind(&cfg.http.listen)
@@ -192,19 +194,22 @@ async fn publish_rejections(
                     let publisher = publisher.clone();
                     inflight.push(async move {
                         let r = publisher.publish_rejection(&input).await;
-                        (input.source, r)
+                        (input, r)
                     });
                 }
                 None => open = false,
             },
-            Some((source, result)) = inflight.next(), if !inflight.is_empty() => match result {
-                Ok(()) => {
-                    offsets.lock().expect("offset tracker lock").complete(source.partition, source.offset);
-                    backlog.release(1, 0);
-                    metrics.rejection_published();
+            Some((input, result)) = inflight.next(), if !inflight.is_empty() => {
+                let (source, r) = (&input.source, &input.rejection);
+                match result {
+                    Ok(()) => {
+                        offsets.lock().expect("offset tracker lock").complete(source.partition, source.offset);
+                        backlog.release(1, 0);
+                        metrics.rejection_published(r.reason, r.provider.as_deref(), r.custom_id.is_some());
+                    }
+                    Err(e) => tracing::error!(partition = source.partition, offset = source.offset, error = %e, "rejection not published; input stays uncommitted"),
                 }
-                Err(e) => tracing::error!(partition = source.partition, offset = source.offset, error = %e, "rejection not published; input stays uncommitted"),
-            },
+            }
         }
     }
 }

@@ -334,6 +334,7 @@ pub enum CollectError {
 /// Everything a collection needs besides the batch.
 pub struct CollectContext<'a> {
     pub provider: &'a dyn Provider,
+    pub metrics: &'a crate::metrics::Metrics,
     pub publisher: &'a Publisher,
     pub pricing: &'a Pricing,
     pub spool_dir: &'a Path,
@@ -419,6 +420,10 @@ impl<'a> Collection<'a> {
             self.collected.output_tokens += u.output_tokens;
         }
         self.collected.cost_usd += cost.unwrap_or(0.0);
+        if let Some(ts) = meta.timestamp_ms {
+            let now = chrono::Utc::now().timestamp_millis();
+            self.ctx.metrics.result_latency((now - ts) as f64 / 1000.0);
+        }
         self.deliveries
             .push(meta.custom_id.clone(), payload)
             .await?;

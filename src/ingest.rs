@@ -283,7 +283,9 @@ impl Ingest {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.partition.eof", "false")
-            .set("queued.max.messages.kbytes", "65536");
+            // Prefetch is per partition: keep memory flat with many partitions.
+            .set("queued.max.messages.kbytes", "8192")
+            .set("fetch.max.bytes", "16777216");
         for (k, v) in &cfg.kafka.consumer {
             client.set(k, v);
         }

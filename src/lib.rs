@@ -6,6 +6,7 @@
 //! [`tracker`] → [`collector`] → [`publisher`], wired by [`app`].
 
 pub mod app;
+pub mod bench;
 pub mod collector;
 pub mod config;
 pub mod http;

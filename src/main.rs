@@ -33,6 +33,8 @@ enum Command {
     Run,
     /// Run the provider simulator (OpenAI-compatible batch API).
     Sim(SimArgs),
+    /// Measure throughput against raw Kafka, or memory while holding requests.
+    Bench(BenchArgs),
     /// Produce requests from a JSONL file to the input topic.
     Send {
         /// One request message per line.
@@ -53,11 +55,39 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+struct BenchArgs {
+    /// Brokers to run against (default: kafka.brokers).
+    #[arg(long)]
+    brokers: Option<String>,
+    /// What to measure: throughput (against raw Kafka) or hold (memory).
+    #[arg(long, default_value = "throughput")]
+    mode: String,
+    /// Requests for the throughput run.
+    #[arg(long, default_value_t = 200_000)]
+    requests: usize,
+    /// Held requests, small and large size, for the memory run.
+    #[arg(long, default_value_t = 250_000)]
+    hold_small: usize,
+    #[arg(long, default_value_t = 1_000_000)]
+    hold_large: usize,
+    /// Partitions of the benchmark topics.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Size of each request message.
+    #[arg(long, default_value_t = 1024)]
+    body_bytes: usize,
+    /// Give up on a phase after this long.
+    #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(clap::Args)]
 struct SimArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8089")]
     listen: String,
-    /// Keep files here (default: a temporary directory).
+    /// Keep files, batches and the billing ledger here, so they survive a
+    /// restart of the simulator (default: a temporary directory, in memory).
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Require this API key (default: any non-empty key).
@@ -102,6 +132,10 @@ struct SimArgs {
     /// Seed of every random choice.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// How long every batch status call waits before it answers (a slow
+    /// provider).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    poll_delay: Duration,
 }
 
 fn init_logging(format: LogFormat) {
@@ -164,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding {}", args.listen))?;
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
-            tracing::info!(listen = %args.listen, "simulator serving /openai/v1 and /v1");
+            tracing::info!(listen = %args.listen, "simulator serving /openai/v1 (and /v1), /anthropic/v1 and /xai/v1");
             let config = batchline::sim::SimConfig {
                 data_dir: args.data_dir,
                 api_key: args.api_key,
@@ -181,8 +215,27 @@ async fn main() -> anyhow::Result<()> {
                 ambiguous_create_rate: args.ambiguous_create_rate,
                 retry_after: args.retry_after,
                 seed: args.seed,
+                poll_delay: args.poll_delay,
             };
             batchline::sim::serve(listener, config, shutdown).await?;
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            init_logging(format(cfg.log.format));
+            let opts = batchline::bench::BenchOptions {
+                brokers: args.brokers.unwrap_or(cfg.kafka.brokers.clone()),
+                requests: args.requests,
+                partitions: args.partitions,
+                body_bytes: args.body_bytes,
+                timeout: args.timeout,
+            };
+            let report = match args.mode.as_str() {
+                "throughput" => batchline::bench::throughput(&opts).await?,
+                "hold" => batchline::bench::hold(&opts, args.hold_small, args.hold_large).await?,
+                other => anyhow::bail!("unknown bench mode `{other}` (throughput or hold)"),
+            };
+            println!("{report}");
             Ok(())
         }
         Command::Send {

@@ -19,6 +19,7 @@ pub struct Metrics {
     registry: Registry,
     requests_consumed: IntCounter,
     requests_rejected: IntCounterVec,
+    dead_letters: IntCounterVec,
     results_published: IntCounterVec,
     held_requests: IntGauge,
     held_bytes: IntGauge,
@@ -35,6 +36,8 @@ pub struct Metrics {
     cost: prometheus::CounterVec,
     consumer_paused: IntGauge,
     commit_lag: Histogram,
+    provider_requests: IntCounterVec,
+    provider_request_duration: HistogramVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -109,9 +112,30 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(commit_lag.clone()))
             .expect("metric registered once");
+        // Constant 1, so dashboards can show (and join on) the version.
+        gauge_vec(
+            &r,
+            "batchline_build_info",
+            "Always 1; the version label says which build is running.",
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
         Metrics {
             requests_consumed,
             requests_rejected,
+            dead_letters: {
+                let c = counter_vec(
+                    &r,
+                    "batchline_dead_letters_total",
+                    "Refused inputs written to the dead-letter topic, by reason.",
+                    &["reason"],
+                );
+                for reason in RejectReason::ALL {
+                    c.with_label_values(&[reason.as_str()]);
+                }
+                c
+            },
             results_published: counter_vec(
                 &r,
                 "batchline_results_published_total",
@@ -208,6 +232,22 @@ impl Metrics {
                 "1 while consumption is paused for backpressure.",
             ),
             commit_lag,
+            provider_requests: counter_vec(
+                &r,
+                "batchline_provider_requests_total",
+                "HTTP calls to provider APIs, by operation and HTTP status (`error`: no answer).",
+                &["provider", "operation", "status"],
+            ),
+            provider_request_duration: histogram_vec(
+                &r,
+                "batchline_provider_request_duration_seconds",
+                "Time from sending a provider HTTP call to its response headers (or failure).",
+                &["provider", "operation"],
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0, 300.0,
+                ],
+            ),
             registry: r,
         }
     }
@@ -222,10 +262,22 @@ impl Metrics {
             .inc();
     }
 
-    pub fn rejection_published(&self) {
-        self.results_published
-            .with_label_values(&["", "rejected"])
+    /// A refused input reached the DLQ, and its `rejected` result the
+    /// results topic when a custom_id was known.
+    pub fn rejection_published(
+        &self,
+        reason: RejectReason,
+        provider: Option<&str>,
+        with_result: bool,
+    ) {
+        self.dead_letters
+            .with_label_values(&[reason.as_str()])
             .inc();
+        if with_result {
+            self.results_published
+                .with_label_values(&[provider.unwrap_or(""), "rejected"])
+                .inc();
+        }
     }
 
     pub fn held(&self, requests: u64, bytes: u64, windows: usize) {
@@ -300,6 +352,27 @@ impl Metrics {
         self.route_failing.with_label_values(&[provider]).set(0);
     }
 
+    /// Starts a configured provider's series at zero, so its failing flag,
+    /// ambiguous creates and batches in flight read 0 rather than "no data"
+    /// before the first event, and `rate()` sees the first increment.
+    pub fn provider_configured(&self, provider: &str) {
+        self.route_failing.with_label_values(&[provider]).set(0);
+        self.ambiguous_creates.with_label_values(&[provider]);
+        self.batches_in_flight.with_label_values(&[provider]);
+    }
+
+    /// One HTTP call to a provider: `operation` is a fixed name such as
+    /// `create_batch` (never an id), `status` the HTTP status code or
+    /// `error` when no answer came.
+    pub fn provider_call(&self, provider: &str, operation: &str, status: &str, seconds: f64) {
+        self.provider_requests
+            .with_label_values(&[provider, operation, status])
+            .inc();
+        self.provider_request_duration
+            .with_label_values(&[provider, operation])
+            .observe(seconds.max(0.0));
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -307,5 +380,52 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding never fails");
         String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_calls_render_by_operation_and_status() {
+        let m = Metrics::new();
+        m.provider_call("openai", "create_batch", "200", 0.12);
+        m.provider_call("openai", "create_batch", "500", 0.3);
+        m.provider_call("openai", "get_batch", "error", 10.0);
+        let text = m.render();
+        for line in [
+            r#"batchline_provider_requests_total{operation="create_batch",provider="openai",status="200"} 1"#,
+            r#"batchline_provider_requests_total{operation="create_batch",provider="openai",status="500"} 1"#,
+            r#"batchline_provider_requests_total{operation="get_batch",provider="openai",status="error"} 1"#,
+            r#"batchline_provider_request_duration_seconds_count{operation="create_batch",provider="openai"} 2"#,
+            r#"batchline_provider_request_duration_seconds_bucket{operation="get_batch",provider="openai",le="10"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn build_info_names_the_version() {
+        let text = Metrics::new().render();
+        let line = format!(
+            "batchline_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&line), "missing {line} in\n{text}");
+    }
+
+    #[test]
+    fn a_configured_provider_starts_at_zero() {
+        let m = Metrics::new();
+        m.provider_configured("anthropic");
+        let text = m.render();
+        for line in [
+            r#"batchline_provider_failing{provider="anthropic"} 0"#,
+            r#"batchline_ambiguous_creates_total{provider="anthropic"} 0"#,
+            r#"batchline_batches_in_flight{provider="anthropic"} 0"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! told to abandon its work: a result is never dropped, though a crash may
 //! publish it twice (identically).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -14,6 +15,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -46,7 +48,9 @@ pub struct Publisher {
     results_topic: String,
     dlq_topic: String,
     max_bytes: usize,
-    max_inflight: usize,
+    /// Result deliveries in flight over the whole process: memory held by
+    /// pending results stays bounded however many batches are collected.
+    inflight: Arc<Semaphore>,
     /// Fired when in-flight work must be given up (shutdown deadline).
     abandon: CancellationToken,
 }
@@ -71,7 +75,7 @@ impl Publisher {
             results_topic: cfg.topics.results.clone(),
             dlq_topic: cfg.topics.dlq.clone(),
             max_bytes: cfg.results.max_bytes,
-            max_inflight: cfg.limits.max_inflight_deliveries,
+            inflight: Arc::new(Semaphore::new(cfg.limits.max_inflight_deliveries)),
             abandon,
         })
     }
@@ -226,23 +230,31 @@ pub struct Deliveries<'a> {
 }
 
 impl<'a> Deliveries<'a> {
-    /// Queues a result keyed by `custom_id`, first waiting for room.
+    /// Queues a result keyed by `custom_id`, first waiting for room among
+    /// the process's deliveries in flight.
     pub async fn push(&mut self, custom_id: String, payload: Vec<u8>) -> Result<(), PublishError> {
-        while self.pending.len() >= self.publisher.max_inflight {
-            if let Some(r) = self.pending.next().await {
-                r?;
+        let permit = loop {
+            // Finished deliveries of this batch free their permits and
+            // surface errors while waiting.
+            tokio::select! {
+                permit = self.publisher.inflight.clone().acquire_owned() => {
+                    break permit.expect("the delivery semaphore is never closed");
+                }
+                Some(r) = self.pending.next(), if !self.pending.is_empty() => r?,
             }
-        }
+        };
         let publisher = self.publisher;
         self.pending.push(Box::pin(async move {
-            publisher
+            let delivered = publisher
                 .deliver(
                     &publisher.results_topic,
                     Some(custom_id.as_bytes()),
                     Some(&payload),
                     None,
                 )
-                .await
+                .await;
+            drop(permit);
+            delivered
         }));
         Ok(())
     }

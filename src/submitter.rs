@@ -6,7 +6,7 @@
 //! anywhere fails, and the batch is then looked up by its tag. Definite
 //! refusals follow DESIGN.md "Creates are not idempotent".
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,6 +44,25 @@ pub struct BatchContext {
     pub batch: BatchConfig,
     pub retry: RetryConfig,
     pub metrics: Metrics,
+    /// Provider batch ids this instance created or adopted: never a
+    /// candidate for another batch's ambiguous create.
+    pub known_batches: Mutex<HashSet<String>>,
+}
+
+impl BatchContext {
+    fn owns(&self, provider_batch: &str) -> bool {
+        self.known_batches
+            .lock()
+            .expect("known batches lock")
+            .contains(provider_batch)
+    }
+
+    fn claim(&self, provider_batch: &str) -> bool {
+        self.known_batches
+            .lock()
+            .expect("known batches lock")
+            .insert(provider_batch.to_owned())
+    }
 }
 
 /// Receives sealed batches and runs one task per batch.
@@ -197,6 +216,7 @@ async fn submit(
             }
             match provider.create(batch, file_id.as_deref()).await {
                 Ok(pb) => {
+                    ctx.claim(&pb.id);
                     ctx.metrics.route_ok(provider.name());
                     crate::crash_point!("after_create");
                     return Submission::Created { pb, adopted: false };
@@ -251,19 +271,9 @@ async fn resolve_ambiguous(
         return None;
     }
     let mut attempt = 0;
-    loop {
-        match provider.find_by_tag(batch, file_id).await {
-            Ok(found) => {
-                match &found {
-                    Some(pb) => {
-                        tracing::info!(provider = provider.name(), batch = %batch.id, provider_batch = %pb.id, "ambiguous create took effect; adopting")
-                    }
-                    None => {
-                        tracing::info!(provider = provider.name(), batch = %batch.id, "ambiguous create did not take effect; submitting again")
-                    }
-                }
-                return Some(found);
-            }
+    let candidates = loop {
+        match provider.find_candidates(batch, file_id).await {
+            Ok(found) => break found,
             Err(e) => {
                 tracing::warn!(provider = provider.name(), batch = %batch.id, error = %e, "lookup failed; retrying");
                 attempt += 1;
@@ -277,7 +287,110 @@ async fn resolve_ambiguous(
                 }
             }
         }
+    };
+    for candidate in candidates.into_iter().filter(|c| !ctx.owns(&c.id)) {
+        // A tag match is exact; a match by time and size must show our
+        // custom_ids before it is ours (DESIGN.md "Creates are not idempotent").
+        let adopted = if provider.tags_batches() {
+            Some(candidate)
+        } else {
+            match verify_candidate(ctx, provider, batch, candidate, abandon).await {
+                Verified::Ours(pb) => Some(*pb),
+                Verified::NotOurs => None,
+                Verified::Abandoned => return None,
+            }
+        };
+        if let Some(pb) = adopted {
+            if ctx.claim(&pb.id) {
+                tracing::info!(provider = provider.name(), batch = %batch.id, provider_batch = %pb.id, "ambiguous create took effect; adopting");
+                return Some(Some(pb));
+            }
+        }
     }
+    tracing::info!(provider = provider.name(), batch = %batch.id, "ambiguous create did not take effect; submitting again");
+    Some(None)
+}
+
+enum Verified {
+    Ours(Box<ProviderBatch>),
+    NotOurs,
+    Abandoned,
+}
+
+/// Waits for an untagged candidate to end and compares its results'
+/// custom_ids with the batch's: ours only if they are exactly the same set.
+async fn verify_candidate(
+    ctx: &BatchContext,
+    provider: &dyn Provider,
+    batch: &SealedBatch,
+    candidate: ProviderBatch,
+    abandon: &CancellationToken,
+) -> Verified {
+    let opts = TrackOptions {
+        poll_interval: ctx
+            .providers
+            .get(provider.name())
+            .map_or(Duration::from_secs(30), |s| s.poll_interval),
+        deadline: Instant::now() + ctx.batch.deadline,
+        not_found_grace: ctx.batch.lookup_grace,
+        max_backoff: ctx.retry.max_backoff,
+    };
+    let pb = match tracker::track(provider, candidate, &opts, abandon).await {
+        Tracked::Ended(pb) => *pb,
+        Tracked::NotFound => return Verified::NotOurs,
+        Tracked::Abandoned => return Verified::Abandoned,
+    };
+    let local = format!("{}.verify", batch.id);
+    let paths = match provider.download_results(&pb, &ctx.spool_dir, &local).await {
+        Ok(p) => p,
+        Err(e) => {
+            // Batchline never deletes batches: results that cannot be read
+            // (gone, 404) mean the candidate is not ours to adopt.
+            tracing::warn!(provider = provider.name(), batch = %batch.id, candidate = %pb.id, error = %e, "candidate results unreadable; not ours");
+            return Verified::NotOurs;
+        }
+    };
+    let ours = matches_custom_ids(provider, batch, &paths).unwrap_or(false);
+    for p in &paths {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!(provider = provider.name(), batch = %batch.id, candidate = %pb.id, ours, "verified ambiguous-create candidate");
+    if ours {
+        Verified::Ours(Box::new(pb))
+    } else {
+        Verified::NotOurs
+    }
+}
+
+/// Whether the result files hold exactly the batch's custom_ids.
+fn matches_custom_ids(
+    provider: &dyn Provider,
+    batch: &SealedBatch,
+    paths: &[PathBuf],
+) -> std::io::Result<bool> {
+    use std::io::BufRead;
+    let meta = batch.open_meta()?;
+    let mut seen = vec![false; batch.len()];
+    for path in paths {
+        for line in std::io::BufReader::new(std::fs::File::open(path)?).lines() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let Ok(outcome) = provider.parse_result_line(&line) else {
+                return Ok(false);
+            };
+            let Some(i) = batch.index_of(&outcome.custom_id) else {
+                return Ok(false);
+            };
+            if batch.read_meta(&meta, i)?.custom_id != outcome.custom_id
+                || std::mem::replace(&mut seen[i], true)
+            {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(seen.iter().all(|s| *s))
 }
 
 async fn delete_file(provider: &dyn Provider, file_id: Option<&str>) {
@@ -303,6 +416,7 @@ async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: Cancella
     let started = Instant::now();
     let collect_ctx = CollectContext {
         provider,
+        metrics: &ctx.metrics,
         publisher: &ctx.publisher,
         pricing: &ctx.pricing,
         spool_dir: &ctx.spool_dir,

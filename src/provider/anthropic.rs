@@ -386,19 +386,20 @@ impl Provider for Anthropic {
         parse_result_line(line)
     }
 
-    /// Anthropic has no tag: the candidate is a batch created around the
-    /// local batch's time with its request count (PROVIDERS.md 2.9). A
-    /// probable match only; DESIGN.md "Creates are not idempotent".
-    async fn find_by_tag(
+    /// Anthropic has no tag: candidates are batches created around the
+    /// local batch's time with its request count (PROVIDERS.md 2.9). Each
+    /// is only a probable match until its custom_ids are compared.
+    async fn find_candidates(
         &self,
         batch: &SealedBatch,
         _file_id: Option<&str>,
-    ) -> Result<Option<ProviderBatch>, ProviderError> {
+    ) -> Result<Vec<ProviderBatch>, ProviderError> {
         let Some(opened) = local_id_time(&batch.id) else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         let (from, to) = (opened - 60, chrono::Utc::now().timestamp() + 60);
         let mut after: Option<String> = None;
+        let mut candidates = Vec::new();
         for _ in 0..100 {
             let mut url = self.http.url("/messages/batches?limit=100");
             if let Some(a) = &after {
@@ -411,7 +412,7 @@ impl Provider for Anthropic {
                 let created = b.created_at.unwrap_or(0);
                 older |= created < from;
                 if (from..=to).contains(&created) && b.counts.total == batch.len() as u64 {
-                    return Ok(Some(b));
+                    candidates.push(b);
                 }
             }
             if !page.has_more || older {
@@ -419,7 +420,11 @@ impl Provider for Anthropic {
             }
             after = page.last_id;
         }
-        Ok(None)
+        Ok(candidates)
+    }
+
+    fn tags_batches(&self) -> bool {
+        false
     }
 
     async fn delete_file(&self, _file_id: &str) -> Result<(), ProviderError> {

@@ -14,12 +14,13 @@ pub mod xai;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::value::RawValue;
 
 use crate::config::{ApiKey, ProviderConfig, ProviderKind, RetryConfig};
+use crate::metrics::Metrics;
 use crate::model::{ErrorInfo, Status};
 use crate::packer::SealedBatch;
 
@@ -264,23 +265,34 @@ pub trait Provider: Send + Sync {
 
     /// Finds the provider batch created for `batch` (tagged with its local
     /// id, and created from `file_id` when the provider has files), for
-    /// resolving an ambiguous create.
-    async fn find_by_tag(
+    /// resolving an ambiguous create. Providers with a tag return at most
+    /// one exact match; others return every plausible candidate.
+    async fn find_candidates(
         &self,
         batch: &SealedBatch,
         file_id: Option<&str>,
-    ) -> Result<Option<ProviderBatch>, ProviderError>;
+    ) -> Result<Vec<ProviderBatch>, ProviderError>;
+
+    /// Whether [`Provider::find_candidates`] matches by a tag (exact), or
+    /// only by time and size (each candidate must be verified by its
+    /// custom_ids once it ends).
+    fn tags_batches(&self) -> bool {
+        true
+    }
 
     async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError>;
 }
 
-/// Builds the adapter for a configured provider.
+/// Builds the adapter for a configured provider; its HTTP calls are counted
+/// in `metrics`.
 pub fn build(
     name: &str,
     cfg: &ProviderConfig,
     retry: &RetryConfig,
+    metrics: &Metrics,
 ) -> Result<Arc<dyn Provider>, ProviderError> {
-    let http = HttpClient::new(name, cfg, retry)?;
+    let http = HttpClient::new(name, cfg, retry, metrics.clone())?;
+    metrics.provider_configured(name);
     Ok(match cfg.kind {
         ProviderKind::Openai => Arc::new(openai::OpenAi::new(http)),
         ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(http)),
@@ -289,7 +301,8 @@ pub fn build(
 }
 
 /// The HTTP side every adapter shares: one pooled client, the base URL,
-/// auth, extra headers, and retries with backoff.
+/// auth, extra headers, retries with backoff, and a count and timing of
+/// every call (`batchline_provider_requests_total`).
 #[derive(Clone)]
 pub struct HttpClient {
     pub provider: String,
@@ -301,6 +314,7 @@ pub struct HttpClient {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub max_retries: u32,
+    pub metrics: Metrics,
 }
 
 impl HttpClient {
@@ -308,6 +322,7 @@ impl HttpClient {
         name: &str,
         cfg: &ProviderConfig,
         retry: &RetryConfig,
+        metrics: Metrics,
     ) -> Result<HttpClient, ProviderError> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -334,6 +349,7 @@ impl HttpClient {
             initial_backoff: retry.initial_backoff,
             max_backoff: retry.max_backoff,
             max_retries: 10,
+            metrics,
         })
     }
 
@@ -368,13 +384,31 @@ impl HttpClient {
     }
 
     /// Sends a request; a non-2xx answer becomes [`ProviderError::Http`]
-    /// with the provider's own error type and message.
+    /// with the provider's own error type and message. Every call is
+    /// counted and timed (to the response headers) under the operation its
+    /// method and path name, so adapters need not name it.
     pub async fn send(
         &self,
         op: &str,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ProviderError> {
-        let resp = req.send().await.map_err(|e| self.transport_error(op, e))?;
+        let (client, request) = req.build_split();
+        // A request that cannot be built is never sent, so never counted.
+        let request = request.map_err(|e| self.transport_error(op, e))?;
+        let operation = operation_of(request.method(), request.url().path());
+        let started = Instant::now();
+        let sent = client.execute(request).await;
+        let seconds = started.elapsed().as_secs_f64();
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => {
+                self.metrics
+                    .provider_call(&self.provider, operation, "error", seconds);
+                return Err(self.transport_error(op, e));
+            }
+        };
+        self.metrics
+            .provider_call(&self.provider, operation, resp.status().as_str(), seconds);
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -426,6 +460,41 @@ impl HttpClient {
             .min(self.max_backoff);
         // Full jitter keeps a fleet of instances from retrying in lockstep.
         exp.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+    }
+}
+
+/// The metric name of a provider call, from its method and URL path only:
+/// ids in the path are skipped, so the label stays low-cardinality. The path
+/// is read from its last `files` or `batches` segment, whatever the base
+/// URL's prefix (`/v1`, `/openai/v1`, `/v1/messages`).
+pub fn operation_of(method: &reqwest::Method, path: &str) -> &'static str {
+    use reqwest::Method;
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let Some(at) = segments
+        .iter()
+        .rposition(|s| *s == "files" || *s == "batches")
+    else {
+        return "other";
+    };
+    let tail = &segments[at + 1..];
+    let m = method;
+    match (segments[at], tail) {
+        ("files", []) if m == Method::POST => "upload_file",
+        ("files", []) if m == Method::GET => "list_files",
+        ("files", [_]) if m == Method::GET => "get_file",
+        ("files", [_]) if m == Method::DELETE => "delete_file",
+        ("files", [_, "content"]) if m == Method::GET => "download_file",
+        ("batches", []) if m == Method::POST => "create_batch",
+        ("batches", []) if m == Method::GET => "list_batches",
+        // xAI: `POST /batches/{id}:cancel`.
+        ("batches", [id]) if m == Method::POST && id.ends_with(":cancel") => "cancel_batch",
+        ("batches", [_]) if m == Method::GET => "get_batch",
+        ("batches", [_]) if m == Method::DELETE => "delete_batch",
+        ("batches", [_, "cancel"]) if m == Method::POST => "cancel_batch",
+        ("batches", [_, "results"]) if m == Method::GET => "get_results",
+        ("batches", [_, "requests"]) if m == Method::POST => "add_requests",
+        ("batches", [_, "requests"]) if m == Method::GET => "list_requests",
+        _ => "other",
     }
 }
 
@@ -558,6 +627,99 @@ mod tests {
             CreateError::classify(transport(false)),
             CreateError::Ambiguous(_)
         ));
+    }
+
+    #[test]
+    fn operations_are_named_by_method_and_path_template() {
+        let cases = [
+            // OpenAI and compatible servers, any prefix.
+            ("POST /v1/files", "upload_file"),
+            ("GET /openai/v1/files", "list_files"),
+            ("GET /v1/files/file-abc123", "get_file"),
+            ("GET /v1/files/file-abc123/content", "download_file"),
+            ("DELETE /openai/v1/files/file-abc123", "delete_file"),
+            ("POST /openai/v1/batches", "create_batch"),
+            ("GET /v1/batches", "list_batches"),
+            ("GET /v1/batches/batch_abc123", "get_batch"),
+            ("POST /v1/batches/batch_abc123/cancel", "cancel_batch"),
+            // Anthropic.
+            ("POST /v1/messages/batches", "create_batch"),
+            ("GET /anthropic/v1/messages/batches", "list_batches"),
+            ("GET /v1/messages/batches/msgbatch_1", "get_batch"),
+            (
+                "POST /v1/messages/batches/msgbatch_1/cancel",
+                "cancel_batch",
+            ),
+            ("GET /v1/messages/batches/msgbatch_1/results", "get_results"),
+            ("DELETE /v1/messages/batches/msgbatch_1", "delete_batch"),
+            // xAI.
+            ("POST /xai/v1/batches/batch_9:cancel", "cancel_batch"),
+            ("GET /v1/batches/batch_9/results", "get_results"),
+            ("POST /v1/batches/batch_9/requests", "add_requests"),
+            ("GET /v1/batches/batch_9/requests", "list_requests"),
+            // Nothing known.
+            ("GET /v1/models", "other"),
+            ("PUT /v1/batches/batch_9", "other"),
+            ("GET /", "other"),
+        ];
+        for (call, want) in cases {
+            let (method, path) = call.split_once(' ').unwrap();
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            assert_eq!(operation_of(&method, path), want, "{call}");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_call_is_counted_by_operation_and_status() {
+        use axum::routing::{get, post};
+        let app = axum::Router::new()
+            .route("/v1/batches/{id}", get(|| async { "{}" }))
+            .route(
+                "/v1/batches",
+                post(|| async { (axum::http::StatusCode::SERVICE_UNAVAILABLE, "{}") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let defaults =
+            crate::config::Config::load_from(None, Vec::<(String, String)>::new()).unwrap();
+        let mut cfg = defaults.providers["openai"].clone();
+        cfg.base_url = format!("http://{addr}/v1");
+        cfg.request_timeout = Duration::from_secs(5);
+        let retry = defaults.retry.clone();
+        let metrics = Metrics::new();
+        let http = HttpClient::new("sim", &cfg, &retry, metrics.clone()).unwrap();
+        http.send("get", http.client.get(http.url("/batches/batch_1")))
+            .await
+            .unwrap();
+        let err = http
+            .send("create", http.client.post(http.url("/batches")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(503));
+        // Nothing listens on port 9 (discard): a transport failure.
+        let dead = HttpClient::new(
+            "dead",
+            &ProviderConfig {
+                base_url: "http://127.0.0.1:9/v1".into(),
+                ..cfg.clone()
+            },
+            &retry,
+            metrics.clone(),
+        )
+        .unwrap();
+        dead.send("get", dead.client.get(dead.url("/batches/batch_2")))
+            .await
+            .unwrap_err();
+        let text = metrics.render();
+        for line in [
+            r#"batchline_provider_requests_total{operation="get_batch",provider="sim",status="200"} 1"#,
+            r#"batchline_provider_requests_total{operation="create_batch",provider="sim",status="503"} 1"#,
+            r#"batchline_provider_requests_total{operation="get_batch",provider="dead",status="error"} 1"#,
+            r#"batchline_provider_request_duration_seconds_count{operation="get_batch",provider="sim"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
     }
 
     #[test]

@@ -458,11 +458,11 @@ impl Provider for OpenAi {
         parse_output_line(line)
     }
 
-    async fn find_by_tag(
+    async fn find_candidates(
         &self,
         batch: &SealedBatch,
         file_id: Option<&str>,
-    ) -> Result<Option<ProviderBatch>, ProviderError> {
+    ) -> Result<Vec<ProviderBatch>, ProviderError> {
         // Listings are newest first and cannot filter: page back until
         // batches older than the local batch itself (less a margin).
         let tag = batch.id.as_str();
@@ -481,7 +481,7 @@ impl Provider for OpenAi {
                 if b.tag.as_deref() == Some(tag)
                     && (file_id.is_none() || b.input_file_id.as_deref() == file_id)
                 {
-                    return Ok(Some(b));
+                    return Ok(vec![b]);
                 }
             }
             if !page.has_more || older || page.last_id.is_none() {
@@ -489,7 +489,7 @@ impl Provider for OpenAi {
             }
             after = page.last_id;
         }
-        Ok(None)
+        Ok(Vec::new())
     }
 
     async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError> {

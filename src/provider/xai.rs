@@ -445,11 +445,11 @@ impl Provider for Xai {
         parse_result_row(line)
     }
 
-    async fn find_by_tag(
+    async fn find_candidates(
         &self,
         batch: &SealedBatch,
         file_id: Option<&str>,
-    ) -> Result<Option<ProviderBatch>, ProviderError> {
+    ) -> Result<Vec<ProviderBatch>, ProviderError> {
         let mut token: Option<String> = None;
         for _ in 0..1000 {
             let mut path = "/batches?limit=100".to_owned();
@@ -461,7 +461,7 @@ impl Provider for Xai {
                 if b.name.as_deref() == Some(batch.id.as_str())
                     && (file_id.is_none() || b.input_file_id.as_deref() == file_id)
                 {
-                    return Ok(Some(b.normalise(chrono::Utc::now().timestamp())));
+                    return Ok(vec![b.normalise(chrono::Utc::now().timestamp())]);
                 }
             }
             match page.pagination_token.filter(|t| !t.is_empty()) {
@@ -469,7 +469,7 @@ impl Provider for Xai {
                 None => break,
             }
         }
-        Ok(None)
+        Ok(Vec::new())
     }
 
     async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError> {

@@ -11,6 +11,10 @@
 //! It must never hold a whole file in memory (uploads stream to disk, results
 //! stream from disk) and never panic on request data: bad input gets the
 //! 400 OpenAI would send.
+//!
+//! With a data directory, every file's and batch's state is also a record on
+//! disk (`openai/files/`, `openai/batches/`); a simulator started on the same
+//! directory reloads them and resumes every unfinished batch (`lifecycle`).
 
 mod completions;
 mod lifecycle;
@@ -31,13 +35,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{lock, random_base62, random_hex, unix_now, CallFault, Sim};
+use super::store::{self, Records, Slot};
+use super::{lock, random_base62, random_hex, unix_millis, unix_now, CallFault, Sim};
 
 pub use completions::{chat_reply, injected_error, injected_error_status, response_body};
 
@@ -70,12 +75,16 @@ const ORGANIZATION: &str = "org-batchline-sim";
 
 /// The OpenAI sub-router, to be nested under a `/v1`-style prefix.
 pub(crate) fn router(sim: Arc<Sim>) -> io::Result<Router> {
+    let dir = sim.provider_dir("openai")?;
     let state = Arc::new(OpenAi {
-        dir: sim.provider_dir("openai")?,
+        file_records: Records::open(&sim, &dir, "files")?,
+        batch_records: Records::open(&sim, &dir, "batches")?,
+        dir,
         sim,
         files: Mutex::new(Listing::default()),
         batches: Mutex::new(Listing::default()),
     });
+    reload(&state)?;
     let upload_limit = usize::try_from(MAX_UPLOAD_BYTES)
         .unwrap_or(usize::MAX)
         .saturating_add(MULTIPART_OVERHEAD_BYTES);
@@ -100,10 +109,14 @@ pub(crate) fn router(sim: Arc<Sim>) -> io::Result<Router> {
 /// State of the simulated OpenAI account.
 struct OpenAi {
     sim: Arc<Sim>,
-    /// Where uploaded and result files live, one `<file-id>.jsonl` each.
+    /// Where uploaded and result files live, one `<file-id>.jsonl` each,
+    /// plus each running batch's own copy of its input when durable.
     dir: PathBuf,
     files: Mutex<Listing<FileObject>>,
     batches: Mutex<Listing<BatchEntry>>,
+    /// Durable records of files and batches (nothing without a data_dir).
+    file_records: Records,
+    batch_records: Records,
 }
 
 impl OpenAi {
@@ -111,13 +124,39 @@ impl OpenAi {
         self.dir.join(format!("{file_id}.jsonl"))
     }
 
-    /// Registers a file written to [`Self::file_path`].
-    fn add_file(&self, file: FileObject) {
-        lock(&self.files).insert(file.id.clone(), file);
+    /// A running batch's own copy of its input file (durable mode only),
+    /// read again if the batch is resumed after a restart.
+    fn input_copy_path(&self, batch_id: &str) -> PathBuf {
+        self.dir.join(format!("{batch_id}.input.jsonl"))
+    }
+
+    /// Registers a file written to [`Self::file_path`], durably first.
+    async fn add_file(self: &Arc<Self>, file: FileObject) -> io::Result<()> {
+        let record = FileRecord {
+            order: self.sim.order_stamp(),
+            file,
+        };
+        let state = Arc::clone(self);
+        let record = self
+            .sim
+            .blocking(move || {
+                state.file_records.write(&record.file.id, &record)?;
+                Ok(record)
+            })
+            .await?;
+        lock(&self.files).insert(record.file.id.clone(), record.file);
+        Ok(())
     }
 
     fn batch(&self, id: &str) -> Option<Batch> {
         lock(&self.batches).get(id).map(|entry| entry.batch.clone())
+    }
+
+    /// The batch and its lifecycle state.
+    fn batch_and_life(&self, id: &str) -> Option<(Batch, Life)> {
+        lock(&self.batches)
+            .get(id)
+            .map(|entry| (entry.batch.clone(), entry.life.clone()))
     }
 
     /// Applies `change` to the batch under the lock and returns what it
@@ -127,6 +166,92 @@ impl OpenAi {
             .get_mut(id)
             .map(|entry| change(&mut entry.batch))
     }
+
+    /// Like [`Self::update_batch`], with the lifecycle state too.
+    fn update<R>(&self, id: &str, change: impl FnOnce(&mut Batch, &mut Life) -> R) -> Option<R> {
+        lock(&self.batches)
+            .get_mut(id)
+            .map(|entry| change(&mut entry.batch, &mut entry.life))
+    }
+
+    /// Writes the batch's record as it is now (when durable); once the
+    /// batch is terminal, its copy of the input goes.
+    async fn save(self: &Arc<Self>, id: &str) -> io::Result<()> {
+        let snapshot = {
+            let batches = lock(&self.batches);
+            let Some(entry) = batches.get(id) else {
+                return Ok(());
+            };
+            let record = BatchRecordOut {
+                batch: &entry.batch,
+                life: &entry.life,
+            };
+            let snapshot = self.batch_records.snapshot(id, &entry.slot, &record)?;
+            snapshot.map(|snapshot| (snapshot, entry.batch.status.is_terminal()))
+        };
+        let Some((snapshot, terminal)) = snapshot else {
+            return Ok(());
+        };
+        let input_copy = self.input_copy_path(id);
+        self.sim
+            .blocking(move || {
+                snapshot.write()?;
+                if terminal {
+                    store::remove_if_present(&input_copy)?;
+                }
+                Ok(())
+            })
+            .await
+    }
+}
+
+/// Loads the files and batches a simulator on the same data directory left
+/// behind, and resumes every batch that had not finished.
+fn reload(state: &Arc<OpenAi>) -> io::Result<()> {
+    if !state.batch_records.durable() {
+        return Ok(());
+    }
+    store::remove_parts(&state.dir)?;
+    let mut files: Vec<FileRecord> = state.file_records.load()?;
+    files.sort_by_key(|record| record.order);
+    {
+        let mut listing = lock(&state.files);
+        for record in files {
+            state.sim.saw_order_stamp(record.order);
+            listing.insert(record.file.id.clone(), record.file);
+        }
+    }
+    let mut batches: Vec<BatchRecordIn> = state.batch_records.load()?;
+    batches.sort_by_key(|record| record.life.order);
+    let mut resumed = Vec::new();
+    for BatchRecordIn { batch, life } in batches {
+        state.sim.saw_order_stamp(life.order);
+        // A crash between the record and the ledger event loses nothing.
+        state.sim.record_batch_created(&batch.id)?;
+        let cancel = CancellationToken::new();
+        if batch.status == BatchStatus::Cancelling {
+            cancel.cancel();
+        }
+        if !batch.status.is_terminal() {
+            resumed.push((batch.id.clone(), cancel.clone()));
+        }
+        lock(&state.batches).insert(
+            batch.id.clone(),
+            BatchEntry {
+                batch,
+                life,
+                cancel,
+                slot: Arc::default(),
+            },
+        );
+    }
+    for (id, cancel) in resumed {
+        tracing::debug!(batch_id = %id, "sim openai: resuming batch");
+        state
+            .sim
+            .spawn(lifecycle::drive(Arc::clone(state), id, cancel));
+    }
+    Ok(())
 }
 
 /// Objects kept in creation order, for OpenAI's cursor lists.
@@ -146,7 +271,12 @@ impl<T> Default for Listing<T> {
 }
 
 impl<T> Listing<T> {
+    /// Adds `item` as the newest, or replaces the item with its id in place.
     fn insert(&mut self, id: String, item: T) {
+        if let Some(existing) = self.by_id.get_mut(&id) {
+            *existing = item;
+            return;
+        }
         self.order.push(id.clone());
         self.by_id.insert(id, item);
     }
@@ -198,21 +328,31 @@ impl<T> Listing<T> {
 }
 
 /// OpenAI's File object.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct FileObject {
     id: String,
+    #[serde(skip_deserializing, default = "file_object")]
     object: &'static str,
     bytes: u64,
     created_at: i64,
     expires_at: Option<i64>,
     filename: String,
-    purpose: &'static str,
+    purpose: String,
+    #[serde(skip_deserializing, default = "processed")]
     status: &'static str,
     status_details: Option<String>,
 }
 
+fn file_object() -> &'static str {
+    "file"
+}
+
+fn processed() -> &'static str {
+    "processed"
+}
+
 impl FileObject {
-    fn new(id: String, bytes: u64, filename: String, purpose: &'static str, ttl_secs: i64) -> Self {
+    fn new(id: String, bytes: u64, filename: String, purpose: &str, ttl_secs: i64) -> Self {
         let created_at = unix_now();
         Self {
             id,
@@ -221,28 +361,76 @@ impl FileObject {
             created_at,
             expires_at: Some(created_at + ttl_secs),
             filename,
-            purpose,
+            purpose: purpose.to_owned(),
             status: "processed",
             status_details: None,
         }
     }
 }
 
+/// A file's durable record.
+#[derive(Serialize, Deserialize)]
+struct FileRecord {
+    /// Orders the files list across restarts.
+    order: u64,
+    file: FileObject,
+}
+
 struct BatchEntry {
     batch: Batch,
+    life: Life,
     /// Fired by `POST /batches/{id}/cancel`; the batch's task listens.
     cancel: CancellationToken,
+    /// Orders the saves of the batch's record.
+    slot: Arc<Slot>,
+}
+
+/// What a batch's lifecycle needs to carry on after a restart, kept in its
+/// record beside the Batch object. Times are Unix milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Life {
+    /// Orders the batches list across restarts.
+    order: u64,
+    /// How long result files live (seconds).
+    output_ttl_secs: i64,
+    /// What the dice decided at create.
+    fate: lifecycle::Fate,
+    created_ms: i64,
+    in_progress_ms: Option<i64>,
+    finalizing_ms: Option<i64>,
+    /// When the client asked to cancel.
+    cancel_ms: Option<i64>,
+    /// Which requests run, fixed before any does.
+    plan: Option<lifecycle::Plan>,
+    /// The published result files and counts, until the batch settles.
+    outcome: Option<lifecycle::Outcome>,
+}
+
+/// A batch's durable record, as written.
+#[derive(Serialize)]
+struct BatchRecordOut<'a> {
+    batch: &'a Batch,
+    life: &'a Life,
+}
+
+/// A batch's durable record, as read back.
+#[derive(Deserialize)]
+struct BatchRecordIn {
+    batch: Batch,
+    life: Life,
 }
 
 /// OpenAI's Batch object.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Batch {
     id: String,
+    #[serde(skip_deserializing, default = "batch_object")]
     object: &'static str,
     endpoint: String,
     model: Option<String>,
     errors: Option<BatchErrors>,
     input_file_id: String,
+    #[serde(skip_deserializing, default = "completion_window")]
     completion_window: &'static str,
     status: BatchStatus,
     output_file_id: Option<String>,
@@ -259,12 +447,21 @@ struct Batch {
     request_counts: RequestCounts,
     usage: BatchUsage,
     metadata: Option<BTreeMap<String, String>>,
-    /// Not part of the object: how long result files live (seconds).
-    #[serde(skip)]
-    output_ttl_secs: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+fn batch_object() -> &'static str {
+    "batch"
+}
+
+fn completion_window() -> &'static str {
+    "24h"
+}
+
+fn list_object() -> &'static str {
+    "list"
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum BatchStatus {
     Validating,
@@ -299,29 +496,30 @@ impl BatchStatus {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct BatchErrors {
+    #[serde(skip_deserializing, default = "list_object")]
     object: &'static str,
     data: Vec<BatchError>,
 }
 
 /// One entry of a failed batch's `errors.data`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct BatchError {
-    code: &'static str,
+    code: String,
     message: String,
-    param: Option<&'static str>,
+    param: Option<String>,
     line: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct RequestCounts {
     total: u64,
     completed: u64,
     failed: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct BatchUsage {
     input_tokens: u64,
     input_tokens_details: CachedTokens,
@@ -330,12 +528,12 @@ struct BatchUsage {
     total_tokens: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct CachedTokens {
     cached_tokens: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct ReasoningTokens {
     reasoning_tokens: u64,
 }
@@ -458,9 +656,12 @@ async fn upload_file(
         ));
     }
     let ttl = file_ttl(anchor.as_deref(), seconds.as_deref(), "expires_after")?;
-    upload.keep();
     let file = FileObject::new(id, bytes, filename, "batch", ttl);
-    state.add_file(file.clone());
+    state
+        .add_file(file.clone())
+        .await
+        .map_err(|err| ApiError::internal("recording the file", &err))?;
+    upload.keep();
     tracing::debug!(file_id = %file.id, bytes, "sim openai: file uploaded");
     Ok(Json(file))
 }
@@ -500,6 +701,11 @@ impl PartialUpload {
                 .map_err(|err| ApiError::internal("writing the upload", &err))?;
         }
         out.flush()
+            .await
+            .map_err(|err| ApiError::internal("writing the upload", &err))?;
+        // Durable before the file is acknowledged.
+        out.get_ref()
+            .sync_data()
             .await
             .map_err(|err| ApiError::internal("writing the upload", &err))?;
         Ok(bytes)
@@ -645,13 +851,19 @@ async fn delete_file(
     if lock(&state.files).remove(&id).is_none() {
         return Err(ApiError::no_such_file(&id));
     }
-    // A batch already reading the file keeps its open handle, as a provider
-    // keeps its own copy; later readers find it gone.
-    match tokio::fs::remove_file(state.file_path(&id)).await {
-        Ok(()) => {}
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-        Err(err) => return Err(ApiError::internal("deleting the file", &err)),
-    }
+    // A batch already reading the file keeps its open handle (and, when
+    // durable, its own copy), as a provider keeps its own; later readers
+    // find it gone.
+    let (records, path) = (Arc::clone(&state), state.file_path(&id));
+    let file_id = id.clone();
+    state
+        .sim
+        .blocking(move || {
+            records.file_records.remove(&file_id)?;
+            store::remove_if_present(&path)
+        })
+        .await
+        .map_err(|err| ApiError::internal("deleting the file", &err))?;
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }
 
@@ -702,7 +914,6 @@ async fn create_batch(
         request_counts: RequestCounts::default(),
         usage: BatchUsage::default(),
         metadata: request.metadata,
-        output_ttl_secs: request.output_ttl_secs,
     };
     let config = state.sim.config();
     let fate = lifecycle::Fate {
@@ -710,28 +921,63 @@ async fn create_batch(
         token_limit: state.sim.roll_batch_fate(config.token_limit_rate),
         expire: state.sim.roll_batch_fate(config.expire_rate),
     };
+    let life = Life {
+        order: state.sim.order_stamp(),
+        output_ttl_secs: request.output_ttl_secs,
+        fate,
+        created_ms: unix_millis(),
+        ..Life::default()
+    };
     let cancel = CancellationToken::new();
     lock(&state.batches).insert(
         batch.id.clone(),
         BatchEntry {
             batch: batch.clone(),
+            life,
             cancel: cancel.clone(),
+            slot: Arc::default(),
         },
     );
-    state.sim.record_batch_created();
+    // On its own task, so a client hanging up cannot leave it half done.
+    let start = tokio::spawn(start_batch(Arc::clone(&state), batch.id.clone(), cancel));
+    start
+        .await
+        .map_err(io::Error::other)
+        .and_then(|started| started)
+        .map_err(|err| ApiError::internal("recording the batch", &err))?;
     tracing::debug!(batch_id = %batch.id, ?fate, "sim openai: batch created");
-    tokio::spawn(lifecycle::drive(
-        Arc::clone(&state),
-        batch.id.clone(),
-        cancel,
-        fate,
-    ));
 
     if state.sim.roll_ambiguous_create() {
         // The batch exists and runs; only the answer is lost.
         return Err(ApiError::server_error(&request_id));
     }
     Ok(Json(batch))
+}
+
+/// Records a new batch (its record first: a batch the ledger counts always
+/// exists, and a reload records what a crash kept from the ledger) and
+/// starts its task; forgets it again if it cannot be recorded.
+async fn start_batch(state: Arc<OpenAi>, id: String, cancel: CancellationToken) -> io::Result<()> {
+    let sim = Arc::clone(&state.sim);
+    let batch_id = id.clone();
+    let recorded = match state.save(&id).await {
+        Ok(()) => {
+            state
+                .sim
+                .blocking(move || sim.record_batch_created(&batch_id))
+                .await
+        }
+        Err(err) => Err(err),
+    };
+    if let Err(err) = recorded {
+        lock(&state.batches).remove(&id);
+        let _ = state.batch_records.remove(&id);
+        return Err(err);
+    }
+    state
+        .sim
+        .spawn(lifecycle::drive(Arc::clone(&state), id, cancel));
+    Ok(())
 }
 
 /// A validated `POST /batches` body.
@@ -875,6 +1121,7 @@ async fn retrieve_batch(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Batch>, ApiError> {
     let id = path_id(id)?;
+    state.sim.slow_poll().await;
     state
         .batch(&id)
         .map(Json)
@@ -886,27 +1133,38 @@ async fn cancel_batch(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Batch>, ApiError> {
     let id = path_id(id)?;
-    let mut batches = lock(&state.batches);
-    let entry = batches
-        .get_mut(&id)
-        .ok_or_else(|| ApiError::no_such_batch(&id))?;
-    let batch = &mut entry.batch;
-    match batch.status {
-        status if status.is_terminal() => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("Cannot cancel a batch with status '{}'.", status.as_str()),
-        )),
-        BatchStatus::Cancelling => Ok(Json(batch.clone())),
-        _ => {
-            // Status and token change under one lock, so the batch's task
-            // sees either neither or both.
-            batch.status = BatchStatus::Cancelling;
-            batch.cancelling_at = Some(unix_now());
-            entry.cancel.cancel();
-            tracing::debug!(batch_id = %id, "sim openai: batch cancelling");
-            Ok(Json(batch.clone()))
+    let batch = {
+        let mut batches = lock(&state.batches);
+        let entry = batches
+            .get_mut(&id)
+            .ok_or_else(|| ApiError::no_such_batch(&id))?;
+        let batch = &mut entry.batch;
+        match batch.status {
+            status if status.is_terminal() => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("Cannot cancel a batch with status '{}'.", status.as_str()),
+                ))
+            }
+            BatchStatus::Cancelling => return Ok(Json(batch.clone())),
+            _ => {
+                // Status, time and token change under one lock, so the
+                // batch's task sees either none or all of them.
+                let now = unix_millis();
+                batch.status = BatchStatus::Cancelling;
+                batch.cancelling_at = Some(now.div_euclid(1000));
+                entry.life.cancel_ms = Some(now);
+                entry.cancel.cancel();
+                tracing::debug!(batch_id = %id, "sim openai: batch cancelling");
+                batch.clone()
+            }
         }
-    }
+    };
+    state
+        .save(&id)
+        .await
+        .map_err(|err| ApiError::internal("recording the cancel", &err))?;
+    Ok(Json(batch))
 }
 
 async fn list_batches(

@@ -27,7 +27,7 @@ pub use batchline::sim::SimConfig;
 /// How long a test waits for its results before failing.
 pub const RESULT_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

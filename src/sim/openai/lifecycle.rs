@@ -5,30 +5,49 @@
 //! validate it and once to run its requests, writing result lines straight
 //! to the output and error files. Only one line (and one small chunk of
 //! result lines, shuffled because OpenAI's results are unordered) is in
-//! memory at a time; the set of custom_ids, needed to reject duplicates, is
-//! the one thing that grows with the batch.
+//! memory at a time; the set of custom_ids, needed to reject duplicates, and
+//! the custom_ids to bill are the things that grow with the batch.
+//!
+//! Each step is saved in the batch's record before the next one begins, so
+//! a simulator restarted on the same data directory resumes the batch from
+//! what the record says ([`run`]):
+//!
+//! - `validating`: validated again once its validation time (counted from
+//!   `created_ms`) has passed.
+//! - `in_progress` without a plan: waits out the rest of its time, counted
+//!   from `in_progress_ms`, then fixes the plan (how many requests run, and
+//!   why the rest do not; a cancel counts from when it was asked).
+//! - a plan without an outcome: the requests run again, from the batch's own
+//!   copy of its input. Results go to `.part` files; the successes are billed
+//!   in one ledger event keyed by the batch, which the ledger applies at
+//!   most once; only then are the files published and the outcome saved. A
+//!   re-run therefore never bills twice, and nobody saw the lost attempt.
+//! - an outcome: `finalizing` or `cancelling` waits out the rest of its
+//!   time, then the batch settles.
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::completions::{body_usage, embedding_input_count, request_model};
 use super::{
-    injected_error, injected_error_status, response_body, BatchError, BatchErrors, BatchStatus,
-    BatchUsage, FileObject, OpenAi, ORGANIZATION,
+    injected_error, injected_error_status, response_body, Batch, BatchError, BatchErrors,
+    BatchStatus, BatchUsage, FileObject, Life, OpenAi, ORGANIZATION,
 };
-use crate::sim::{lock, random_base62, random_hex, unix_now, Sim};
+use crate::sim::store::{self, part_path};
+use crate::sim::{
+    deadline, lock, pause_until, progress, random_base62, random_hex, share, unix_millis, unix_now,
+};
 
 /// Most requests one batch may hold.
 const MAX_REQUESTS: u64 = 50_000;
@@ -42,7 +61,7 @@ const SHUFFLE_CHUNK: usize = 64;
 const IO_BUFFER_BYTES: usize = 256 * 1024;
 
 /// What the dice decided for a batch when it was created.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub(super) struct Fate {
     /// Fails validation as a whole.
     pub(super) fail: bool,
@@ -52,54 +71,118 @@ pub(super) struct Fate {
     pub(super) expire: bool,
 }
 
+/// Which requests of a batch run, fixed (and saved) before any does, so a
+/// re-run after a restart runs the same ones.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(super) struct Plan {
+    /// The first `ran` requests (file order) run.
+    ran: u64,
+    /// Why the rest do not.
+    tail: Option<Tail>,
+}
+
+/// A batch's published results, saved until it settles.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Outcome {
+    output: Option<WrittenFile>,
+    errors: Option<WrittenFile>,
+    succeeded: u64,
+    failed: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    /// When the results were published (Unix milliseconds).
+    at_ms: i64,
+}
+
 /// Walks the batch through its statuses until it is terminal, or until the
-/// simulator shuts down.
-pub(super) async fn drive(state: Arc<OpenAi>, id: String, cancel: CancellationToken, fate: Fate) {
+/// simulator shuts down (a simulator started later on the same data
+/// directory carries on from the batch's record).
+pub(super) async fn drive(state: Arc<OpenAi>, id: String, cancel: CancellationToken) {
     let shutdown = state.sim.shutdown().clone();
     tokio::select! {
         () = shutdown.cancelled() => {}
-        result = run(&state, &id, &cancel, fate) => {
-            if let Err(err) = result {
-                tracing::error!(batch_id = %id, error = %err, "sim openai: batch could not be processed");
-                fail(&state, &id, BatchError::whole_file(
-                    "server_error",
-                    format!("The batch could not be processed: {err}"),
-                ));
+        result = run(&state, &id, &cancel) => {
+            let Err(err) = result else { return };
+            if shutdown.is_cancelled() {
+                // Cut short by the shutdown, not broken.
+                return;
+            }
+            tracing::error!(batch_id = %id, error = %err, "sim openai: batch could not be processed");
+            fail(&state, &id, BatchError::whole_file(
+                "server_error",
+                format!("The batch could not be processed: {err}"),
+            ));
+            if let Err(err) = state.save(&id).await {
+                tracing::error!(batch_id = %id, error = %err, "sim openai: batch could not be recorded");
             }
         }
     }
 }
 
-async fn run(
+/// Carries the batch on from wherever its record says it is.
+async fn run(state: &Arc<OpenAi>, id: &str, cancel: &CancellationToken) -> io::Result<()> {
+    let Some((batch, life)) = state.batch_and_life(id) else {
+        return Ok(());
+    };
+    if batch.status.is_terminal() {
+        return Ok(());
+    }
+    // The input, once this run has opened it.
+    let mut input = None;
+    if life.plan.is_none() && life.in_progress_ms.is_none() {
+        match validate_batch(state, id, cancel, &batch, &life).await? {
+            Some(opened) => input = Some(opened),
+            // It failed validation.
+            None => return Ok(()),
+        }
+    }
+    if state.update(id, |_, life| life.plan.is_none()) == Some(true) {
+        plan(state, id, cancel).await?;
+    }
+    if state.update(id, |_, life| life.outcome.is_none()) == Some(true) {
+        execute(state, id, input).await?;
+    }
+    conclude(state, id, cancel).await
+}
+
+/// `validating`: waits out the validation time and checks the input file.
+/// Either fails the batch (`None`) or starts it: `in_progress`, or, when a
+/// cancel came first, a plan in which nothing runs.
+async fn validate_batch(
     state: &Arc<OpenAi>,
     id: &str,
     cancel: &CancellationToken,
-    fate: Fate,
-) -> io::Result<()> {
-    let config = state.sim.config().clone();
-    let Some(batch) = state.batch(id) else {
-        return Ok(());
-    };
-
-    // validating
-    pause(config.validate_duration, cancel).await;
+    batch: &Batch,
+    life: &Life,
+) -> io::Result<Option<File>> {
+    let config = state.sim.config();
+    pause_until(deadline(life.created_ms, config.validate_duration), cancel).await;
     let input_path = lock(&state.files)
         .get(&batch.input_file_id)
         .map(|_| state.file_path(&batch.input_file_id));
     let endpoint = batch.endpoint.clone();
     let checked = match input_path {
         None => None,
-        Some(path) => blocking(move || open_and_validate(&path, &endpoint)).await?,
+        Some(path) => {
+            state
+                .sim
+                .blocking(move || {
+                    Ok(open_and_validate(&path, &endpoint)?
+                        .map(|(input, verdict)| (path, input, verdict)))
+                })
+                .await?
+        }
     };
-    let (input, valid) = match checked {
-        Some((input, Ok(valid))) => (input, valid),
-        Some((_, Err(error))) => {
+    let (path, input, valid) = match checked {
+        Some((path, input, Ok(valid))) => (path, input, valid),
+        Some((_, _, Err(error))) => {
             fail(state, id, error);
-            return Ok(());
+            state.save(id).await?;
+            return Ok(None);
         }
         None => {
             let error = BatchError {
-                param: Some("file_id"),
+                param: Some("file_id".to_owned()),
                 ..BatchError::whole_file(
                     "invalid_request",
                     format!(
@@ -109,152 +192,210 @@ async fn run(
                 )
             };
             fail(state, id, error);
-            return Ok(());
+            state.save(id).await?;
+            return Ok(None);
         }
     };
-    let total = valid.lines;
-    if cancel.is_cancelled() {
-        // Cancelled before anything ran: every request is cancelled.
-        let outcome = process(state, id, input, 0, Some(Tail::Cancelled), unix_now()).await?;
-        settle_after(
-            state,
-            id,
-            BatchStatus::Cancelled,
-            outcome,
-            config.finalize_duration,
-        )
-        .await;
-        return Ok(());
-    }
-    if fate.fail {
-        let error = BatchError::whole_file(
-            "invalid_request",
-            "The batch input file failed validation (simulated whole-batch failure).",
-        );
-        fail(state, id, error);
-        return Ok(());
-    }
-    if fate.token_limit {
-        let error = BatchError::whole_file(
-            "token_limit_exceeded",
-            format!(
-                "Enqueued token limit reached for {} in organization {ORGANIZATION}. Limit: 2,000,000 enqueued tokens. Please try again once some in_progress batches have been completed.",
-                valid.model
-            ),
-        );
-        fail(state, id, error);
-        return Ok(());
+    // Cancelled before anything ran: every request is cancelled, whatever
+    // the dice said.
+    if !cancel.is_cancelled() {
+        let failure = if life.fate.fail {
+            Some(BatchError::whole_file(
+                "invalid_request",
+                "The batch input file failed validation (simulated whole-batch failure).",
+            ))
+        } else if life.fate.token_limit {
+            Some(BatchError::whole_file(
+                "token_limit_exceeded",
+                format!(
+                    "Enqueued token limit reached for {} in organization {ORGANIZATION}. Limit: 2,000,000 enqueued tokens. Please try again once some in_progress batches have been completed.",
+                    valid.model
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some(error) = failure {
+            fail(state, id, error);
+            state.save(id).await?;
+            return Ok(None);
+        }
     }
 
-    // in_progress
-    let created = unix_now();
-    let started = state.update_batch(id, |batch| {
+    if state.batch_records.durable() {
+        // From here on the batch reads its own copy, which a restart and
+        // the client deleting the file both leave alone.
+        let (copy, handle) = (state.input_copy_path(id), input.try_clone()?);
+        state
+            .sim
+            .blocking(move || store::keep_copy(&path, &handle, &copy))
+            .await?;
+    }
+    let total = valid.lines;
+    let now = unix_millis();
+    let started = state.update(id, |batch, life| {
         if batch.status != BatchStatus::Validating {
+            // A cancel landed while the file was being read.
+            life.plan = Some(Plan {
+                ran: 0,
+                tail: Some(Tail::Cancelled),
+            });
             return false;
         }
         batch.status = BatchStatus::InProgress;
-        batch.in_progress_at = Some(created);
+        batch.in_progress_at = Some(now.div_euclid(1000));
         batch.model = Some(valid.model.clone());
         batch.request_counts.total = total;
+        life.in_progress_ms = Some(now);
         true
     });
-    if started != Some(true) {
-        // A cancel landed while the file was being read.
-        let outcome = process(state, id, input, 0, Some(Tail::Cancelled), created).await?;
-        settle_after(
-            state,
-            id,
-            BatchStatus::Cancelled,
-            outcome,
-            config.finalize_duration,
-        )
-        .await;
-        return Ok(());
+    if started == Some(true) {
+        // The ledger before the record: if the record is lost, the batch is
+        // validated again and the ledger ignores the repeat.
+        let (sim, batch_id) = (Arc::clone(&state.sim), id.to_owned());
+        let custom_ids = valid.custom_ids;
+        state
+            .sim
+            .blocking(move || {
+                sim.record_submitted(&batch_id, custom_ids.iter().map(String::as_str))
+            })
+            .await?;
+        tracing::debug!(batch_id = %id, total, "sim openai: batch in_progress");
     }
+    state.save(id).await?;
+    Ok(Some(input))
+}
+
+/// `in_progress`: waits out the rest of the batch's time, then fixes which
+/// requests run.
+async fn plan(state: &Arc<OpenAi>, id: &str, cancel: &CancellationToken) -> io::Result<()> {
+    let duration = state.sim.config().batch_duration;
+    let expire_fraction = state.sim.config().expire_completed_fraction;
+    let Some(started) = state.update(id, |_, life| life.in_progress_ms).flatten() else {
+        return Ok(());
+    };
+    let cancelled = pause_until(deadline(started, duration), cancel).await;
+    state.update(id, |batch, life| {
+        let total = batch.request_counts.total;
+        let plan = if cancelled {
+            // The requests due before the cancel ran.
+            let asked = life.cancel_ms.unwrap_or_else(unix_millis);
+            Plan {
+                ran: share(total, progress(started, asked, duration)),
+                tail: Some(Tail::Cancelled),
+            }
+        } else if life.fate.expire {
+            Plan {
+                ran: share(total, expire_fraction),
+                tail: Some(Tail::Expired),
+            }
+        } else {
+            Plan {
+                ran: total,
+                tail: None,
+            }
+        };
+        life.plan = Some(plan);
+    });
+    state.save(id).await
+}
+
+/// Runs the plan: writes the result files under temporary names, bills the
+/// successes, publishes the files and saves the outcome; a batch that ran
+/// everything moves to `finalizing`.
+async fn execute(state: &Arc<OpenAi>, id: &str, input: Option<File>) -> io::Result<()> {
+    let Some((batch, life)) = state.batch_and_life(id) else {
+        return Ok(());
+    };
+    let Some(plan) = life.plan else {
+        return Ok(());
+    };
+    let input = match input {
+        Some(input) => input,
+        None => File::open(state.input_copy_path(id)).map_err(|err| {
+            io::Error::new(
+                err.kind(),
+                format!("the batch's copy of its input file is unreadable: {err}"),
+            )
+        })?,
+    };
+    let created = batch.in_progress_at.unwrap_or(batch.created_at);
+    let mut processed = process(state, id, batch.endpoint, input, plan, created).await?;
+
+    let billed = std::mem::take(&mut processed.billed);
+    let parts: Vec<PathBuf> = [&processed.output, &processed.errors]
+        .into_iter()
+        .flatten()
+        .map(|file| state.file_path(&file.id))
+        .collect();
+    let (sim, batch_id) = (Arc::clone(&state.sim), id.to_owned());
     state
         .sim
-        .record_submitted(valid.custom_ids.iter().map(String::as_str));
-    drop(valid);
-    tracing::debug!(batch_id = %id, total, "sim openai: batch in_progress");
+        .blocking(move || {
+            // The commit point: once billed, a re-run bills nothing more.
+            sim.record_billed(&batch_id, billed.iter().map(String::as_str))?;
+            for path in parts {
+                store::publish(&part_path(&path), &path)?;
+            }
+            Ok(())
+        })
+        .await?;
 
-    let clock = Instant::now();
-    if pause(config.batch_duration, cancel).await {
-        let ran = share(
-            total,
-            clock.elapsed().as_secs_f64() / config.batch_duration.as_secs_f64(),
-        );
-        let outcome = process(state, id, input, ran, Some(Tail::Cancelled), created).await?;
-        settle_after(
-            state,
-            id,
-            BatchStatus::Cancelled,
-            outcome,
-            config.finalize_duration,
-        )
-        .await;
-        return Ok(());
-    }
-    if fate.expire {
-        let ran = share(total, config.expire_completed_fraction);
-        let outcome = process(state, id, input, ran, Some(Tail::Expired), created).await?;
-        settle(state, id, BatchStatus::Expired, outcome);
-        return Ok(());
-    }
-    let outcome = process(state, id, input, total, None, created).await?;
-
-    // finalizing
-    let finalizing = state.update_batch(id, |batch| {
-        if batch.status == BatchStatus::Cancelling {
-            return false;
+    let now = unix_millis();
+    state.update(id, |batch, life| {
+        life.outcome = Some(Outcome {
+            output: processed.output,
+            errors: processed.errors,
+            succeeded: processed.succeeded,
+            failed: processed.failed,
+            input_tokens: processed.input_tokens,
+            output_tokens: processed.output_tokens,
+            at_ms: now,
+        });
+        if plan.tail.is_none() && batch.status == BatchStatus::InProgress {
+            batch.status = BatchStatus::Finalizing;
+            batch.finalizing_at = Some(now.div_euclid(1000));
+            life.finalizing_ms = Some(now);
         }
-        batch.status = BatchStatus::Finalizing;
-        batch.finalizing_at = Some(unix_now());
-        true
     });
-    if finalizing == Some(true) && !pause(config.finalize_duration, cancel).await {
-        settle(state, id, BatchStatus::Completed, outcome);
+    state.save(id).await
+}
+
+/// Ends a batch whose results are out: an expired one at once, a
+/// finalizing one once its time is up, a cancelling one shortly after.
+async fn conclude(state: &Arc<OpenAi>, id: &str, cancel: &CancellationToken) -> io::Result<()> {
+    let finalize = state.sim.config().finalize_duration;
+    let Some((batch, life)) = state.batch_and_life(id) else {
+        return Ok(());
+    };
+    let (Some(plan), Some(outcome)) = (life.plan, life.outcome) else {
+        return Ok(());
+    };
+    if batch.status.is_terminal() {
         return Ok(());
     }
-    // Cancelled after every request ran: all results stay.
-    settle_after(
-        state,
-        id,
-        BatchStatus::Cancelled,
-        outcome,
-        config.finalize_duration,
-    )
-    .await;
-    Ok(())
-}
-
-/// Sleeps for `duration` or until the batch is cancelled; says whether it is.
-async fn pause(duration: Duration, cancel: &CancellationToken) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(duration) => cancel.is_cancelled(),
-        () = cancel.cancelled() => true,
+    if matches!(plan.tail, Some(Tail::Expired)) {
+        return settle(state, id, BatchStatus::Expired, &outcome).await;
     }
-}
-
-/// `floor(total * fraction)`, with the fraction clamped to `[0, 1]`.
-fn share(total: u64, fraction: f64) -> u64 {
-    let fraction = if fraction.is_nan() {
-        1.0
-    } else {
-        fraction.clamp(0.0, 1.0)
-    };
-    ((total as f64 * fraction).floor() as u64).min(total)
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(io::Error::other)?
+    if batch.status == BatchStatus::Finalizing {
+        let since = life.finalizing_ms.unwrap_or(outcome.at_ms);
+        if !pause_until(deadline(since, finalize), cancel).await {
+            return settle(state, id, BatchStatus::Completed, &outcome).await;
+        }
+    }
+    // Cancelled: `cancelling -> cancelled` "shortly after" the cancel or the
+    // results, whichever came last. Whatever ran stays.
+    let asked = state
+        .update(id, |_, life| life.cancel_ms)
+        .flatten()
+        .unwrap_or(outcome.at_ms);
+    let since = outcome.at_ms.max(asked);
+    pause_until(deadline(since, finalize), &CancellationToken::new()).await;
+    settle(state, id, BatchStatus::Cancelled, &outcome).await
 }
 
 /// Marks the batch `failed` with `error` (or `cancelled`, if a cancel is
-/// already pending: the cancel was asked first).
+/// already pending: the cancel was asked first). The caller saves it.
 fn fail(state: &OpenAi, id: &str, error: BatchError) {
     let now = unix_now();
     state.update_batch(id, |batch| {
@@ -263,7 +404,7 @@ fn fail(state: &OpenAi, id: &str, error: BatchError) {
             batch.cancelled_at = Some(now);
             return;
         }
-        tracing::debug!(batch_id = %id, code = error.code, "sim openai: batch failed");
+        tracing::debug!(batch_id = %id, code = %error.code, "sim openai: batch failed");
         batch.status = BatchStatus::Failed;
         batch.failed_at = Some(now);
         batch.errors = Some(BatchErrors {
@@ -273,27 +414,18 @@ fn fail(state: &OpenAi, id: &str, error: BatchError) {
     });
 }
 
-/// Waits `delay` (the "shortly after" of `cancelling -> cancelled`), then
-/// settles the batch.
-async fn settle_after(
-    state: &OpenAi,
+/// Registers the result files and moves the batch to its terminal `status`.
+async fn settle(
+    state: &Arc<OpenAi>,
     id: &str,
     status: BatchStatus,
-    outcome: Processed,
-    delay: Duration,
-) {
-    tokio::time::sleep(delay).await;
-    settle(state, id, status, outcome);
-}
-
-/// Publishes the result files and moves the batch to its terminal `status`.
-fn settle(state: &OpenAi, id: &str, status: BatchStatus, outcome: Processed) {
-    let now = unix_now();
-    let Some(ttl) = state.update_batch(id, |batch| batch.output_ttl_secs) else {
-        return;
+    outcome: &Outcome,
+) -> io::Result<()> {
+    let Some(ttl) = state.update(id, |_, life| life.output_ttl_secs) else {
+        return Ok(());
     };
-    let register = |written: &Option<WrittenFile>, kind: &str| {
-        written.as_ref().map(|file| {
+    for (written, kind) in [(&outcome.output, "output"), (&outcome.errors, "error")] {
+        if let Some(file) = written {
             let object = FileObject::new(
                 file.id.clone(),
                 file.bytes,
@@ -301,12 +433,10 @@ fn settle(state: &OpenAi, id: &str, status: BatchStatus, outcome: Processed) {
                 "batch_output",
                 ttl,
             );
-            state.add_file(object);
-            file.id.clone()
-        })
-    };
-    let output_file_id = register(&outcome.output, "output");
-    let error_file_id = register(&outcome.errors, "error");
+            state.add_file(object).await?;
+        }
+    }
+    let now = unix_now();
     state.update_batch(id, |batch| {
         // A cancel that lands as the last request finishes does not undo it.
         let status = if status == BatchStatus::Completed && batch.status == BatchStatus::Cancelling
@@ -322,36 +452,32 @@ fn settle(state: &OpenAi, id: &str, status: BatchStatus, outcome: Processed) {
             BatchStatus::Cancelled => batch.cancelled_at = Some(now),
             _ => {}
         }
-        batch.output_file_id = output_file_id;
-        batch.error_file_id = error_file_id;
+        batch.output_file_id = outcome.output.as_ref().map(|file| file.id.clone());
+        batch.error_file_id = outcome.errors.as_ref().map(|file| file.id.clone());
         batch.request_counts.total = outcome.succeeded + outcome.failed;
         batch.request_counts.completed = outcome.succeeded;
         batch.request_counts.failed = outcome.failed;
         batch.usage = BatchUsage::new(outcome.input_tokens, outcome.output_tokens);
         tracing::debug!(batch_id = %id, status = status.as_str(), "sim openai: batch settled");
     });
+    state.save(id).await
 }
 
 impl BatchError {
-    fn whole_file(code: &'static str, message: impl Into<String>) -> Self {
+    fn whole_file(code: &str, message: impl Into<String>) -> Self {
         Self {
-            code,
+            code: code.to_owned(),
             message: message.into(),
             param: None,
             line: None,
         }
     }
 
-    fn at_line(
-        code: &'static str,
-        message: impl Into<String>,
-        param: Option<&'static str>,
-        line: u64,
-    ) -> Self {
+    fn at_line(code: &str, message: impl Into<String>, param: Option<&str>, line: u64) -> Self {
         Self {
-            code,
+            code: code.to_owned(),
             message: message.into(),
-            param,
+            param: param.map(str::to_owned),
             line: Some(line),
         }
     }
@@ -573,7 +699,8 @@ fn check_line(raw: &[u8], endpoint: &str, line: u64) -> Result<CheckedLine, Batc
 }
 
 /// Why requests past the ones that ran never ran.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Tail {
     Expired,
     Cancelled,
@@ -596,48 +723,49 @@ impl Tail {
 
 /// What running a batch's requests produced.
 struct Processed {
+    /// Written under their `.part` names, not yet published.
     output: Option<WrittenFile>,
     errors: Option<WrittenFile>,
     succeeded: u64,
     failed: u64,
     input_tokens: u64,
     output_tokens: u64,
+    /// The custom_ids of the success lines, to bill.
+    billed: Vec<String>,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct WrittenFile {
     id: String,
     bytes: u64,
 }
 
-/// Runs the first `ran` requests of `input` (file order); the rest get
-/// `tail` error lines. Billing is recorded as success lines are written.
+/// Runs the plan over `input`: the first `ran` requests (file order) run;
+/// the rest get `tail` error lines. Bills nothing: the caller does.
 async fn process(
     state: &Arc<OpenAi>,
     batch_id: &str,
+    endpoint: String,
     input: File,
-    ran: u64,
-    tail: Option<Tail>,
+    plan: Plan,
     created: i64,
 ) -> io::Result<Processed> {
     let config = state.sim.config();
     let output_id = format!("file-{}", random_base62(22));
     let error_id = format!("file-{}", random_base62(22));
     let job = Job {
-        endpoint: state
-            .batch(batch_id)
-            .map(|batch| batch.endpoint)
-            .unwrap_or_default(),
+        endpoint,
         created,
-        ran,
-        tail,
+        ran: plan.ran,
+        tail: plan.tail,
         error_rate: config.error_rate,
         seed: config.seed,
         shuffle_seed: xxh3_64(batch_id.as_bytes()),
-        output: (output_id.clone(), state.file_path(&output_id)),
-        errors: (error_id.clone(), state.file_path(&error_id)),
+        output: (output_id.clone(), part_path(&state.file_path(&output_id))),
+        errors: (error_id.clone(), part_path(&state.file_path(&error_id))),
+        shutdown: state.sim.shutdown().clone(),
     };
-    let sim = Arc::clone(&state.sim);
-    blocking(move || run_requests(input, &job, &sim)).await
+    state.sim.blocking(move || run_requests(input, &job)).await
 }
 
 /// Everything [`run_requests`] needs, owned so it can move to a blocking
@@ -650,17 +778,26 @@ struct Job {
     error_rate: f64,
     seed: u64,
     shuffle_seed: u64,
+    /// Ids and (temporary) paths of the result files.
     output: (String, PathBuf),
     errors: (String, PathBuf),
+    /// The simulator stopping: the work stops too, to be redone later.
+    shutdown: CancellationToken,
 }
 
-fn run_requests(mut input: File, job: &Job, sim: &Sim) -> io::Result<Processed> {
+fn run_requests(mut input: File, job: &Job) -> io::Result<Processed> {
     input.seek(SeekFrom::Start(0))?;
     let mut reader = BufReader::with_capacity(IO_BUFFER_BYTES, input);
-    let mut sink = ResultSink::new(job, sim);
+    let mut sink = ResultSink::new(job);
     let mut buf = Vec::new();
     let mut index: u64 = 0;
     loop {
+        if job.shutdown.is_cancelled() {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the simulator is shutting down",
+            ));
+        }
         buf.clear();
         if reader.read_until(b'\n', &mut buf)? == 0 {
             break;
@@ -689,12 +826,7 @@ fn run_requests(mut input: File, job: &Job, sim: &Sim) -> io::Result<Processed> 
     sink.finish()
 }
 
-fn run_request(
-    sink: &mut ResultSink<'_>,
-    job: &Job,
-    custom_id: &str,
-    body: &Value,
-) -> io::Result<()> {
+fn run_request(sink: &mut ResultSink, job: &Job, custom_id: &str, body: &Value) -> io::Result<()> {
     if injected_error(custom_id, job.error_rate, job.seed) {
         let status = injected_error_status(custom_id, job.seed);
         let error = if status == 400 {
@@ -773,14 +905,15 @@ enum Destination {
 
 /// Collects result lines a chunk at a time, shuffles each chunk, and
 /// appends it to the output or error file, each created on first use.
-struct ResultSink<'a> {
-    sim: &'a Sim,
+struct ResultSink {
     output: JsonlFile,
     errors: JsonlFile,
     chunk: Vec<PendingLine>,
     shuffle: StdRng,
     input_tokens: u64,
     output_tokens: u64,
+    /// The custom_ids of the success lines written.
+    billed: Vec<String>,
 }
 
 struct PendingLine {
@@ -790,16 +923,16 @@ struct PendingLine {
     billed: Option<String>,
 }
 
-impl<'a> ResultSink<'a> {
-    fn new(job: &Job, sim: &'a Sim) -> Self {
+impl ResultSink {
+    fn new(job: &Job) -> Self {
         Self {
-            sim,
             output: JsonlFile::new(&job.output),
             errors: JsonlFile::new(&job.errors),
             chunk: Vec::with_capacity(SHUFFLE_CHUNK),
             shuffle: StdRng::seed_from_u64(job.shuffle_seed),
             input_tokens: 0,
             output_tokens: 0,
+            billed: Vec::new(),
         }
     }
 
@@ -828,15 +961,13 @@ impl<'a> ResultSink<'a> {
 
     fn flush_chunk(&mut self) -> io::Result<()> {
         self.chunk.shuffle(&mut self.shuffle);
-        for line in &self.chunk {
+        for line in self.chunk.drain(..) {
             match line.destination {
                 Destination::Output => self.output.write_line(&line.json)?,
                 Destination::Errors => self.errors.write_line(&line.json)?,
             }
+            self.billed.extend(line.billed);
         }
-        self.sim
-            .record_billed(self.chunk.iter().filter_map(|line| line.billed.as_deref()));
-        self.chunk.clear();
         Ok(())
     }
 
@@ -851,6 +982,7 @@ impl<'a> ResultSink<'a> {
             failed,
             input_tokens: self.input_tokens,
             output_tokens: self.output_tokens,
+            billed: self.billed,
         })
     }
 }
@@ -987,13 +1119,5 @@ mod tests {
             .expect("rejected");
         assert_eq!(error.code, "too_many_tasks");
         assert_eq!(error.line, Some(MAX_REQUESTS + 1));
-    }
-
-    #[test]
-    fn shares_are_floored_and_clamped() {
-        assert_eq!(share(10, 0.25), 2);
-        assert_eq!(share(10, 1.5), 10);
-        assert_eq!(share(10, -1.0), 0);
-        assert_eq!(share(3, f64::NAN), 3);
     }
 }

@@ -18,6 +18,7 @@ struct TestSim {
     root: String,
     client: Client,
     shutdown: CancellationToken,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl Drop for TestSim {
@@ -42,11 +43,21 @@ impl TestSim {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let root = format!("http://{}", listener.local_addr().expect("addr"));
         let shutdown = CancellationToken::new();
-        tokio::spawn(serve(listener, config, shutdown.clone()));
+        let served = tokio::spawn(serve(listener, config, shutdown.clone()));
         Self {
             root,
             client: Client::new(),
             shutdown,
+            served: Some(served),
+        }
+    }
+
+    /// Stops the server as a restart would, and waits until nothing of it
+    /// touches its data directory any more.
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(served) = self.served.take() {
+            served.await.expect("join").expect("serve");
         }
     }
 
@@ -980,4 +991,312 @@ async fn embeddings_batches_answer_one_vector_per_input() {
             batch["in_progress_at"].as_i64().unwrap()
         )
     );
+}
+
+/// A simulator config that keeps its state in `dir`.
+fn durable(dir: &tempfile::TempDir, config: SimConfig) -> SimConfig {
+    SimConfig {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..config
+    }
+}
+
+/// What `/sim/stats` must say of these custom_ids, each in one batch.
+fn assert_billed_once(stats: &Value, custom_ids: &[String], config: &SimConfig) {
+    for id in custom_ids {
+        let billed = u64::from(!injected_error(id, config.error_rate, config.seed));
+        assert_eq!(
+            stats["custom_ids"][id.as_str()],
+            json!({"submitted": 1, "billed": billed}),
+            "{id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_restart_resumes_unfinished_batches_and_keeps_finished_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = durable(
+        &dir,
+        SimConfig {
+            error_rate: 0.25,
+            batch_duration: Duration::from_millis(1500),
+            ..fast()
+        },
+    );
+    let done_ids = ids("done", 8);
+    let mid_ids = ids("mid", 30);
+    let sim = TestSim::start(config.clone()).await;
+
+    // One batch ends before the restart...
+    let (_, text) = chat_file(&done_ids);
+    let done = sim.submit(text, CHAT).await;
+    let done_id = done["id"].as_str().unwrap().to_owned();
+    let done = sim.wait_terminal(&done_id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert!(done["output_file_id"].is_string() && done["error_file_id"].is_string());
+    let done_output = sim.lines(&done["output_file_id"]).await;
+    let done_errors = sim.lines(&done["error_file_id"]).await;
+
+    // ...the other is cut off in the middle of `in_progress`.
+    let (requests, text) = chat_file(&mid_ids);
+    let mid = sim.submit(text, CHAT).await;
+    let mid_id = mid["id"].as_str().unwrap().to_owned();
+    sim.wait_for(&mid_id, |status| status == "in_progress")
+        .await;
+    let stats = sim.stats().await;
+    assert_eq!(stats["requests_submitted"], 38);
+    assert_eq!(stats["custom_ids"]["mid-0"]["billed"], 0);
+    sim.stop().await;
+
+    let sim = TestSim::start(config.clone()).await;
+    // The finished batch and its files are as they were.
+    assert_eq!(sim.batch(&done_id).await, done);
+    assert_eq!(sim.lines(&done["output_file_id"]).await, done_output);
+    assert_eq!(sim.lines(&done["error_file_id"]).await, done_errors);
+    let file: Value = sim
+        .get(&format!(
+            "/files/{}",
+            done["output_file_id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(file["purpose"], "batch_output");
+    assert_eq!(file["object"], "file");
+
+    // Lists come newest first, reloaded objects included.
+    let batches: Value = sim
+        .get("/batches")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<&str> = batches["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|batch| batch["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [mid_id.as_str(), done_id.as_str()]);
+    let files: Value = sim
+        .get("/files")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<&Value> = files["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|file| &file["id"])
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            &mid["input_file_id"],
+            &done["error_file_id"],
+            &done["output_file_id"],
+            &done["input_file_id"],
+        ]
+    );
+
+    // The cut-off batch carries on and ends as if nothing had happened.
+    let mid = sim.wait_terminal(&mid_id).await;
+    assert_eq!(mid["status"], "completed", "{mid}");
+    let failures = mid_ids
+        .iter()
+        .filter(|id| injected_error(id, config.error_rate, config.seed))
+        .count();
+    assert_eq!(
+        mid["request_counts"],
+        json!({"total": 30, "completed": 30 - failures, "failed": failures})
+    );
+    let output = sim.lines(&mid["output_file_id"]).await;
+    assert_eq!(output.len(), 30 - failures);
+    let in_progress_at = mid["in_progress_at"].as_i64().unwrap();
+    for line in &output {
+        let request = requests
+            .iter()
+            .find(|request| request["custom_id"] == line["custom_id"])
+            .expect("a request per line");
+        assert_eq!(
+            line["response"]["body"],
+            response_body(CHAT, &request["body"], in_progress_at)
+        );
+    }
+    assert_eq!(sim.lines(&mid["error_file_id"]).await.len(), failures);
+
+    let stats = sim.stats().await;
+    assert_eq!(stats["batches_created"], 2);
+    assert_eq!(stats["requests_submitted"], 38);
+    assert_eq!(
+        stats["requests_billed"],
+        output.len() + done_output.len(),
+        "{stats}"
+    );
+    assert_billed_once(&stats, &mid_ids, &config);
+    assert_billed_once(&stats, &done_ids, &config);
+}
+
+#[tokio::test]
+async fn a_batch_run_again_after_a_restart_is_not_billed_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = durable(
+        &dir,
+        SimConfig {
+            error_rate: 0.25,
+            ..fast()
+        },
+    );
+    let custom_ids = ids("again", 20);
+    let sim = TestSim::start(config.clone()).await;
+    let (_, text) = chat_file(&custom_ids);
+    let batch = sim.submit(text, CHAT).await;
+    let id = batch["id"].as_str().unwrap().to_owned();
+    let first = sim.wait_terminal(&id).await;
+    assert_eq!(first["status"], "completed");
+    let stats = sim.stats().await;
+    sim.stop().await;
+
+    // What a crash just after the billing, before the outcome was saved,
+    // leaves behind: the plan fixed, no outcome, the batch's own input copy.
+    let openai = dir.path().join("openai");
+    let path = openai.join("batches").join(format!("{id}.json"));
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(record["life"]["plan"].is_object(), "{record}");
+    record["batch"]["status"] = json!("in_progress");
+    for field in [
+        "finalizing_at",
+        "completed_at",
+        "output_file_id",
+        "error_file_id",
+    ] {
+        record["batch"][field] = Value::Null;
+    }
+    record["batch"]["request_counts"] = json!({"total": 20, "completed": 0, "failed": 0});
+    record["life"]["outcome"] = Value::Null;
+    record["life"]["finalizing_ms"] = Value::Null;
+    std::fs::write(&path, record.to_string()).unwrap();
+    let input = first["input_file_id"].as_str().unwrap();
+    std::fs::copy(
+        openai.join(format!("{input}.jsonl")),
+        openai.join(format!("{id}.input.jsonl")),
+    )
+    .unwrap();
+
+    let sim = TestSim::start(config.clone()).await;
+    let again = sim.wait_terminal(&id).await;
+    assert_eq!(again["status"], "completed", "{again}");
+    assert_eq!(again["request_counts"], first["request_counts"]);
+    assert_ne!(again["output_file_id"], first["output_file_id"]);
+    let output = sim.lines(&again["output_file_id"]).await;
+    assert_eq!(
+        output.len() as u64,
+        first["request_counts"]["completed"].as_u64().unwrap()
+    );
+    // The ledger is exactly what it was before the restart.
+    assert_eq!(sim.stats().await, stats);
+    assert_billed_once(&stats, &custom_ids, &config);
+    // The batch's copy of its input is gone once it has ended.
+    assert!(!openai.join(format!("{id}.input.jsonl")).exists());
+}
+
+#[tokio::test]
+async fn a_cancel_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = durable(
+        &dir,
+        SimConfig {
+            batch_duration: Duration::from_secs(2),
+            finalize_duration: Duration::from_secs(2),
+            ..fast()
+        },
+    );
+    let custom_ids = ids("cr", 20);
+    let sim = TestSim::start(config.clone()).await;
+    let (_, text) = chat_file(&custom_ids);
+    let batch = sim.submit(text, CHAT).await;
+    let id = batch["id"].as_str().unwrap().to_owned();
+    sim.wait_for(&id, |status| status == "in_progress").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let response = sim
+        .post(&format!("/batches/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    sim.stop().await;
+
+    let sim = TestSim::start(config).await;
+    let batch = sim.batch(&id).await;
+    assert_eq!(batch["status"], "cancelling", "{batch}");
+    let batch = sim.wait_terminal(&id).await;
+    assert_eq!(batch["status"], "cancelled", "{batch}");
+    let output = sim.lines(&batch["output_file_id"]).await;
+    let errors = sim.lines(&batch["error_file_id"]).await;
+    assert_eq!(output.len() + errors.len(), 20);
+    // About a quarter of the window had passed when the cancel came.
+    assert!((1..20).contains(&output.len()), "{} ran", output.len());
+    for line in &errors {
+        assert_eq!(line["error"]["code"], "batch_cancelled");
+    }
+    let stats = sim.stats().await;
+    assert_eq!(stats["requests_submitted"], 20);
+    assert_eq!(stats["requests_billed"], output.len());
+}
+
+#[tokio::test]
+async fn without_a_data_dir_nothing_survives() {
+    let sim = TestSim::start(fast()).await;
+    let (_, text) = chat_file(&ids("gone", 2));
+    let batch = sim.submit(text, CHAT).await;
+    let id = batch["id"].as_str().unwrap().to_owned();
+    sim.wait_terminal(&id).await;
+    sim.stop().await;
+    let sim = TestSim::start(fast()).await;
+    let response = sim.get(&format!("/batches/{id}")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(sim.stats().await["batches_created"], 0);
+}
+
+#[tokio::test]
+async fn status_calls_wait_out_the_poll_delay() {
+    let delay = Duration::from_millis(800);
+    let sim = TestSim::start(SimConfig {
+        poll_delay: delay,
+        ..fast()
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    let (_, text) = chat_file(&ids("slow", 2));
+    let batch = sim.submit(text, CHAT).await;
+    let id = batch["id"].as_str().unwrap();
+    let response = sim.get("/batches").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // Uploads, creates and lists are not status calls.
+    assert!(started.elapsed() < delay, "{:?}", started.elapsed());
+
+    let started = tokio::time::Instant::now();
+    let polled = sim.batch(id).await;
+    assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
+    assert_eq!(polled["id"], batch["id"]);
+    // So is the /v1 alias.
+    let started = tokio::time::Instant::now();
+    let response = sim
+        .client
+        .get(format!("{}/v1/batches/{id}", sim.root))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
 }

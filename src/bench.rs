@@ -1,0 +1,496 @@
+//! `batchline bench`: measures batchline against raw Kafka on one broker in
+//! one run, and its memory while it holds many requests.
+//!
+//! - **throughput**: the passthrough ceiling (consume N messages from one
+//!   topic and produce them to another with rust-rdkafka, nothing else),
+//!   then batchline end to end (produce → windows → upload → the simulator
+//!   with zero latency → download → parse → publish), from first produce to
+//!   last result. batchline runs as a child process, so its peak RSS and CPU
+//!   time are its own.
+//! - **hold**: N requests held at once (long windows, a simulator that never
+//!   finishes) at two sizes; reports the RSS slope per held request.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio_util::sync::CancellationToken;
+
+use crate::sim::SimConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub struct BenchOptions {
+    pub brokers: String,
+    pub requests: usize,
+    pub partitions: i32,
+    pub body_bytes: usize,
+    /// Give up on a phase after this long.
+    pub timeout: Duration,
+}
+
+fn run_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
+}
+
+async fn create_topics(brokers: &str, names: &[&str], partitions: i32) -> Result<(), BenchError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    for r in admin.create_topics(&topics, &AdminOptions::new()).await? {
+        r.map_err(|(t, e)| BenchError::Failed(format!("creating {t}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// A chat request of about `body_bytes`, as producers send them.
+pub fn request_message(i: usize, body_bytes: usize) -> (String, String) {
+    let id = format!("bench-{i:08}");
+    let filler = "lorem ipsum dolor sit amet ".repeat(body_bytes / 27 + 1);
+    let text = &filler[..body_bytes.saturating_sub(160).max(16)];
+    let value = serde_json::json!({
+        "custom_id": id,
+        "provider": "openai",
+        "body": {"model": if i % 2 == 0 { "gpt-4o-mini" } else { "gpt-4o" }, "messages": [{"role": "user", "content": text}], "max_tokens": 32},
+        "metadata": {"n": i},
+    });
+    (id, value.to_string())
+}
+
+async fn produce_requests(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    body_bytes: usize,
+) -> Result<(), BenchError> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "10")
+        .set("compression.type", "zstd")
+        .set("queue.buffering.max.kbytes", "262144")
+        .create()?;
+    let mut pending = FuturesUnordered::new();
+    for i in 0..n {
+        let (key, value) = request_message(i, body_bytes);
+        let producer = producer.clone();
+        let topic = topic.to_owned();
+        pending.push(async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&value),
+                    Duration::from_secs(120),
+                )
+                .await
+                .map(drop)
+                .map_err(|(e, _)| e)
+        });
+        if pending.len() >= 20_000 {
+            if let Some(r) = pending.next().await {
+                r?;
+            }
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// Consumes `n` messages from `from` and produces them to `to`; returns
+/// the time from the first consumed message to the last delivery.
+async fn passthrough(
+    brokers: &str,
+    from: &str,
+    to: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<Duration, BenchError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-pass-{}", run_id()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[from])?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .set("compression.type", "zstd")
+        .set("queue.buffering.max.kbytes", "262144")
+        .create()?;
+    let started = Instant::now();
+    let mut first: Option<Instant> = None;
+    let mut pending = FuturesUnordered::new();
+    let mut consumed = 0;
+    while consumed < n {
+        if started.elapsed() > timeout {
+            return Err(BenchError::Failed(format!(
+                "passthrough consumed {consumed} of {n} in {timeout:?}"
+            )));
+        }
+        let m = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(100)));
+        let Some(m) = m else { continue };
+        let m = m?;
+        first.get_or_insert_with(Instant::now);
+        let record = FutureRecord::to(to)
+            .key(m.key().unwrap_or_default())
+            .payload(m.payload().unwrap_or_default());
+        match producer.send_result(record) {
+            Ok(d) => pending.push(d),
+            Err((e, _)) => return Err(e.into()),
+        }
+        consumed += 1;
+        while pending.len() > 50_000 {
+            if let Some(r) = pending.next().await {
+                r.map_err(|_| BenchError::Failed("delivery canceled".into()))?
+                    .map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r.map_err(|_| BenchError::Failed("delivery canceled".into()))?
+            .map_err(|(e, _)| e)?;
+    }
+    Ok(first.map_or(Duration::ZERO, |f| f.elapsed()))
+}
+
+/// Reads `topic` until `n` distinct keys have arrived.
+fn await_results(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<(), BenchError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-results-{}", run_id()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut seen = HashSet::with_capacity(n);
+    let started = Instant::now();
+    while seen.len() < n {
+        if started.elapsed() > timeout {
+            return Err(BenchError::Failed(format!(
+                "{} of {n} results after {timeout:?}",
+                seen.len()
+            )));
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m?;
+            if let Some(k) = m.key() {
+                seen.insert(k.to_vec());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Resident memory and CPU of a process, from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcStats {
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+    pub cpu_seconds: f64,
+}
+
+pub fn proc_stats(pid: u32) -> Result<ProcStats, BenchError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = |field: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    // The kernel's USER_HZ is 100 on every Linux platform batchline runs on.
+    Ok(ProcStats {
+        rss_bytes: kb("VmRSS:"),
+        peak_rss_bytes: kb("VmHWM:"),
+        cpu_seconds: ticks / 100.0,
+    })
+}
+
+/// A `batchline run` child with the given topics, pointed at `sim_addr`.
+struct BatchlineChild {
+    child: Child,
+    http: String,
+}
+
+fn free_addr() -> Result<String, BenchError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+fn spawn_batchline(
+    brokers: &str,
+    id: &str,
+    sim_addr: &str,
+    spool: &Path,
+    extra: &[(&str, &str)],
+) -> Result<BatchlineChild, BenchError> {
+    let http = free_addr()?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("run")
+        .env("BATCHLINE__KAFKA__BROKERS", brokers)
+        .env("BATCHLINE__KAFKA__GROUP_ID", format!("bench-{id}"))
+        .env("BATCHLINE__TOPICS__REQUESTS", format!("bench-req-{id}"))
+        .env("BATCHLINE__TOPICS__RESULTS", format!("bench-res-{id}"))
+        .env("BATCHLINE__TOPICS__DLQ", format!("bench-dlq-{id}"))
+        .env("BATCHLINE__TOPICS__STATE", format!("bench-state-{id}"))
+        .env(
+            "BATCHLINE__PROVIDERS__OPENAI__BASE_URL",
+            format!("http://{sim_addr}/openai/v1"),
+        )
+        .env("BATCHLINE__PROVIDERS__OPENAI__POLL_INTERVAL", "50ms")
+        .env("BATCHLINE__PROVIDERS__OPENAI__MAX_BATCHES_IN_FLIGHT", "100")
+        .env("BATCHLINE__SPOOL__DIR", spool)
+        .env("BATCHLINE__HTTP__LISTEN", &http)
+        .env("OPENAI_API_KEY", "sk-bench")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    Ok(BatchlineChild {
+        child: cmd.spawn()?,
+        http,
+    })
+}
+
+async fn start_sim(config: SimConfig) -> Result<(String, CancellationToken), BenchError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let stop = CancellationToken::new();
+    tokio::spawn(crate::sim::serve(listener, config, stop.clone()));
+    Ok((addr, stop))
+}
+
+fn zero_latency() -> SimConfig {
+    SimConfig {
+        validate_duration: Duration::ZERO,
+        batch_duration: Duration::ZERO,
+        finalize_duration: Duration::ZERO,
+        ..SimConfig::default()
+    }
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1_048_576.0
+}
+
+/// The throughput comparison. Prints its report and returns it.
+pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
+    let id = run_id();
+    let (pass_in, pass_out) = (
+        format!("bench-pass-in-{id}"),
+        format!("bench-pass-out-{id}"),
+    );
+    let req = format!("bench-req-{id}");
+    create_topics(&opts.brokers, &[&pass_in, &pass_out, &req], opts.partitions).await?;
+    let n = opts.requests;
+
+    eprintln!(
+        "passthrough: producing {n} messages of ~{} bytes",
+        opts.body_bytes
+    );
+    produce_requests(&opts.brokers, &pass_in, n, opts.body_bytes).await?;
+    let pass = passthrough(&opts.brokers, &pass_in, &pass_out, n, opts.timeout).await?;
+    let pass_rate = n as f64 / pass.as_secs_f64();
+    eprintln!("passthrough: {n} in {pass:.2?} ({pass_rate:.0}/s)");
+
+    let (sim_addr, sim_stop) = start_sim(zero_latency()).await?;
+    let spool = tempfile::tempdir()?;
+    let mut child = spawn_batchline(
+        &opts.brokers,
+        &id,
+        &sim_addr,
+        spool.path(),
+        &[("BATCHLINE__WINDOW__MAX_WAIT", "1s")],
+    )?;
+    // Wait until batchline serves (and so has joined) before the clock starts.
+    wait_http(&child.http, opts.timeout).await?;
+    let idle = proc_stats(child.child.id())?;
+    eprintln!(
+        "batchline: idle RSS {:.1} MiB; producing {n} requests",
+        mb(idle.rss_bytes)
+    );
+    let started = Instant::now();
+    let brokers = opts.brokers.clone();
+    let results_topic = format!("bench-res-{id}");
+    let timeout = opts.timeout;
+    let waiter =
+        tokio::task::spawn_blocking(move || await_results(&brokers, &results_topic, n, timeout));
+    produce_requests(&opts.brokers, &req, n, opts.body_bytes).await?;
+    waiter
+        .await
+        .map_err(|e| BenchError::Failed(e.to_string()))??;
+    let e2e = started.elapsed();
+    let stats = proc_stats(child.child.id())?;
+    let _ = child.child.kill();
+    let _ = child.child.wait();
+    sim_stop.cancel();
+    let e2e_rate = n as f64 / e2e.as_secs_f64();
+
+    let report = format!(
+        "requests:            {n} of ~{body} bytes over {parts} partitions\n\
+         passthrough ceiling: {pass_rate:>10.0} msg/s ({pass:.2?})\n\
+         batchline e2e:       {e2e_rate:>10.0} req/s ({e2e:.2?}, first produce to last result)\n\
+         ratio:               {ratio:>10.2}x of the ceiling\n\
+         batchline idle RSS:  {idle:>10.1} MiB\n\
+         batchline peak RSS:  {peak:>10.1} MiB\n\
+         batchline CPU:       {cpu:>10.3} s per 1,000 requests ({total:.1} s)\n",
+        body = opts.body_bytes,
+        parts = opts.partitions,
+        ratio = e2e_rate / pass_rate,
+        idle = mb(idle.rss_bytes),
+        peak = mb(stats.peak_rss_bytes),
+        cpu = stats.cpu_seconds / (n as f64 / 1000.0),
+        total = stats.cpu_seconds,
+    );
+    Ok(report)
+}
+
+async fn wait_http(addr: &str, timeout: Duration) -> Result<(), BenchError> {
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://{addr}/healthz")).await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > timeout {
+            return Err(BenchError::Failed(format!(
+                "batchline did not serve on {addr}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads a counter or gauge from batchline's metrics.
+async fn metric(addr: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// RSS of batchline holding `n` requests: windows that seal at 50,000 and
+/// batches the simulator never finishes.
+async fn hold_once(opts: &BenchOptions, n: usize) -> Result<ProcStats, BenchError> {
+    let id = run_id();
+    let req = format!("bench-req-{id}");
+    create_topics(&opts.brokers, &[&req], opts.partitions).await?;
+    eprintln!("hold: producing {n} requests");
+    produce_requests(&opts.brokers, &req, n, opts.body_bytes).await?;
+    let (sim_addr, sim_stop) = start_sim(SimConfig {
+        batch_duration: Duration::from_secs(24 * 3600),
+        ..SimConfig::default()
+    })
+    .await?;
+    let spool = tempfile::tempdir()?;
+    let mut child = spawn_batchline(
+        &opts.brokers,
+        &id,
+        &sim_addr,
+        spool.path(),
+        &[
+            ("BATCHLINE__WINDOW__MAX_WAIT", "1h"),
+            ("BATCHLINE__WINDOW__MAX_REQUESTS", "50000"),
+        ],
+    )?;
+    wait_http(&child.http, opts.timeout).await?;
+    let started = Instant::now();
+    loop {
+        let consumed = metric(&child.http, "batchline_requests_consumed_total")
+            .await
+            .unwrap_or(0.0);
+        if consumed as usize >= n {
+            break;
+        }
+        if started.elapsed() > opts.timeout {
+            return Err(BenchError::Failed(format!(
+                "hold: consumed {consumed} of {n}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Let sealed windows reach the provider, then measure.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stats = proc_stats(child.child.id())?;
+    let _ = child.child.kill();
+    let _ = child.child.wait();
+    sim_stop.cancel();
+    Ok(stats)
+}
+
+/// The memory measurement at two sizes.
+pub async fn hold(opts: &BenchOptions, small: usize, large: usize) -> Result<String, BenchError> {
+    let a = hold_once(opts, small).await?;
+    let b = hold_once(opts, large).await?;
+    let slope = (b.rss_bytes as f64 - a.rss_bytes as f64) / (large - small) as f64;
+    Ok(format!(
+        "held {small:>9}: RSS {:>8.1} MiB (peak {:.1} MiB)\n\
+         held {large:>9}: RSS {:>8.1} MiB (peak {:.1} MiB)\n\
+         slope:            {slope:>8.1} bytes per held request (bodies of ~{} bytes live on disk)\n",
+        mb(a.rss_bytes),
+        mb(a.peak_rss_bytes),
+        mb(b.rss_bytes),
+        mb(b.peak_rss_bytes),
+        opts.body_bytes,
+    ))
+}
+
+impl std::fmt::Debug for BatchlineChild {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Child")
+            .field("pid", &self.child.id())
+            .field("http", &self.http)
+            .finish()
+    }
+}

@@ -1,0 +1,788 @@
+//! What operators watch: batchline's `/metrics` after a real run on a real
+//! broker with the simulator (counters agree with what the topics hold, and
+//! `promtool check metrics` accepts the exposition), the Grafana dashboard
+//! (every query names only metrics batchline exports), and the Prometheus
+//! scrape configuration used by docker-compose.yml.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use batchline::collector::Collected;
+use batchline::config::ProviderKind;
+use batchline::metrics::Metrics;
+use batchline::model::{RejectReason, Status};
+use batchline::packer::Route;
+use batchline::sim::openai::injected_error;
+use common::*;
+
+/// A repository file's path.
+fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// A free 127.0.0.1 address for batchline's HTTP endpoints, so the test
+/// knows where to scrape.
+fn free_listen_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// One sample of the text exposition format.
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses Prometheus' text exposition format (what `/metrics` serves).
+fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).expect("a sample has a value");
+        let name = line[..name_end].to_owned();
+        let mut labels = BTreeMap::new();
+        let mut rest = &line[name_end..];
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices();
+            let mut key = String::new();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '}' => {
+                        end = Some(i);
+                        break;
+                    }
+                    ',' | ' ' => {}
+                    '=' => {
+                        assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line}");
+                        let mut value = String::new();
+                        loop {
+                            match chars.next().expect("label value ends").1 {
+                                '"' => break,
+                                '\\' => match chars.next().expect("escape").1 {
+                                    'n' => value.push('\n'),
+                                    other => value.push(other),
+                                },
+                                other => value.push(other),
+                            }
+                        }
+                        labels.insert(std::mem::take(&mut key), value);
+                    }
+                    other => key.push(other),
+                }
+            }
+            rest = &body[end.expect("label set ends") + 1..];
+        }
+        let value = rest.split_whitespace().next().expect("sample value");
+        let value = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|e| panic!("{line}: {e}")),
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// The sum of every sample named `name` whose labels include `labels`.
+fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Sums of `name` grouped by the value of `label`.
+fn sum_by(samples: &[Sample], name: &str, label: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for s in samples.iter().filter(|s| s.name == name) {
+        let key = s.labels.get(label).cloned().unwrap_or_default();
+        *out.entry(key).or_default() += s.value;
+    }
+    out
+}
+
+fn sample_names(samples: &[Sample]) -> BTreeSet<String> {
+    samples.iter().map(|s| s.name.clone()).collect()
+}
+
+async fn scrape(addr: &str) -> String {
+    let resp = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap_or_else(|e| panic!("scraping http://{addr}/metrics: {e}"));
+    assert!(resp.status().is_success(), "/metrics: {}", resp.status());
+    let content_type = resp.headers()[reqwest::header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    resp.text().await.unwrap()
+}
+
+/// `promtool` on PATH, or `None` with a message saying what is skipped.
+fn promtool(skipping: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        println!(
+            "SKIPPED: {skipping}: `promtool` is not on PATH \
+             (install the Debian package `prometheus`; scripts/setup.sh does)"
+        );
+    }
+    found
+}
+
+/// Runs promtool with `stdin`, asserting it succeeds.
+fn run_promtool(promtool: &Path, args: &[&str], stdin: &str) {
+    let mut child = Command::new(promtool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool {} failed ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The metric names a PromQL expression selects: identifiers outside
+/// strings, label matchers and range brackets that are neither a function
+/// or aggregation (followed by `(`), a keyword, nor a grouping label.
+fn promql_metric_names(expr: &str) -> BTreeSet<String> {
+    const KEYWORDS: &[&str] = &[
+        "and", "or", "unless", "bool", "offset", "inf", "nan", "atan2",
+    ];
+    const AGGREGATIONS: &[&str] = &[
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
+    ];
+    const GROUPING: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
+    let chars: Vec<char> = expr.chars().collect();
+    let mut names = BTreeSet::new();
+    let mut i = 0;
+    let skip_past = |mut i: usize, close: char| {
+        let mut quote = None;
+        while i < chars.len() {
+            match (quote, chars[i]) {
+                (Some(_), '\\') => i += 1,
+                (Some(q), c) if c == q => quote = None,
+                (None, '"' | '\'' | '`') => quote = Some(chars[i]),
+                (None, c) if c == close => return i + 1,
+                _ => {}
+            }
+            i += 1;
+        }
+        panic!("unclosed `{close}` in {expr}");
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '"' | '\'' | '`' => {
+                i += 1;
+                while chars[i] != c {
+                    i += if chars[i] == '\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            '{' => i = skip_past(i + 1, '}'),
+            '[' => i = skip_past(i + 1, ']'),
+            c if c.is_ascii_digit() || c == '.' => {
+                // Numbers, including 1e3 and durations such as 5m.
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                    i += 1;
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == '_' || c == ':' => {
+                let start = i;
+                while i < chars.len()
+                    && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+                {
+                    i += 1;
+                }
+                let ident: String = chars[start..i].iter().collect();
+                let mut next = i;
+                while next < chars.len() && chars[next].is_whitespace() {
+                    next += 1;
+                }
+                let called = chars.get(next) == Some(&'(');
+                let rest: String = chars[next..].iter().collect();
+                // `sum by (le) (...)`: an aggregation with its grouping first.
+                let grouped = AGGREGATIONS.contains(&ident.as_str())
+                    && ["by", "without"].iter().any(|g| {
+                        rest.strip_prefix(g)
+                            .is_some_and(|r| r.trim_start().starts_with('('))
+                    });
+                if GROUPING.contains(&ident.as_str()) {
+                    if called {
+                        i = skip_past(next + 1, ')');
+                    }
+                } else if !called
+                    && !grouped
+                    && !KEYWORDS.contains(&ident.to_ascii_lowercase().as_str())
+                {
+                    names.insert(ident);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    names
+}
+
+#[test]
+fn promql_metric_names_skip_functions_labels_and_strings() {
+    let names = promql_metric_names(
+        r#"histogram_quantile(0.95, sum by (le, provider) (rate(a_bucket{provider=~"$p", x!="by"}[$__rate_interval]))) / on (provider) group_left (model) b_total offset 5m > bool 1e3 or vector(0)"#,
+    );
+    assert_eq!(
+        names,
+        BTreeSet::from(["a_bucket".to_owned(), "b_total".to_owned()])
+    );
+}
+
+/// Every `expr` (and variable query) in the dashboard, with its panel title.
+fn dashboard_queries(dashboard: &serde_json::Value) -> Vec<(String, String)> {
+    fn walk(v: &serde_json::Value, title: &str, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                let title = m
+                    .get("title")
+                    .or_else(|| m.get("name"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or(title);
+                for (k, child) in m {
+                    match (k.as_str(), child) {
+                        ("expr", serde_json::Value::String(e)) => {
+                            out.push((title.to_owned(), e.clone()))
+                        }
+                        ("definition", serde_json::Value::String(d)) => {
+                            out.push((title.to_owned(), d.clone()))
+                        }
+                        _ => walk(child, title, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    walk(item, title, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(dashboard, "", &mut out);
+    out
+}
+
+fn load_dashboard() -> serde_json::Value {
+    let path = repo_file("dashboards/batchline.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Asserts every metric the dashboard queries is among `exported`.
+fn assert_dashboard_uses_only(exported: &BTreeSet<String>, source: &str) {
+    let dashboard = load_dashboard();
+    let queries = dashboard_queries(&dashboard);
+    assert!(queries.len() >= 20, "only {} queries", queries.len());
+    let mut unknown = Vec::new();
+    for (title, expr) in &queries {
+        // A variable's `label_values(metric, label)`: only the metric counts.
+        let selector = match expr.strip_prefix("label_values(") {
+            Some(args) => args.rsplit_once(',').map_or(args, |(m, _)| m),
+            None => expr,
+        };
+        let names = promql_metric_names(selector);
+        assert!(
+            !names.is_empty(),
+            "panel {title:?} queries no metric: {expr}"
+        );
+        for name in names {
+            if !exported.contains(&name) {
+                unknown.push(format!("{title:?}: {name} (in {expr})"));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "the dashboard queries metrics {source} does not export:\n{}\nexported: {exported:?}",
+        unknown.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_agree_with_the_topics_after_a_run_and_pass_promtool() {
+    let seed = 11;
+    let error_rate = 0.05;
+    let sim = Sim::start(SimConfig {
+        error_rate,
+        seed,
+        ..SimConfig::default()
+    })
+    .await;
+    let topics = Topics::create(2).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
+    cfg.window.max_requests = Some(50);
+    let listen = free_listen_addr();
+    cfg.http.listen = listen.clone();
+    let batchline = Batchline::start(cfg);
+
+    let mut records = Vec::new();
+    let mut expected = std::collections::HashSet::new();
+    let mut errored = 0;
+    for i in 0..300 {
+        let id = format!("obs-{i:04}");
+        let model = if i % 3 == 0 { "gpt-4o" } else { "gpt-4o-mini" };
+        records.push(Produce::json(
+            &id,
+            &chat_request(&id, "openai", model, &format!("question {i}")),
+        ));
+        errored += injected_error(&id, error_rate, seed) as usize;
+        expected.insert(id);
+    }
+    // Bad input whose custom_id can be recovered, so each also gets a
+    // `rejected` result on the output topic.
+    let json = |v: serde_json::Value| serde_json::to_vec(&v).unwrap();
+    let bad: Vec<(&str, Vec<u8>, RejectReason)> = vec![
+        (
+            "bad-json-1",
+            b"{not json".to_vec(),
+            RejectReason::InvalidJson,
+        ),
+        ("bad-json-2", b"[1,2".to_vec(), RejectReason::InvalidJson),
+        (
+            "no-such-provider",
+            json(chat_request("no-such-provider", "nosuch", "m", "x")),
+            RejectReason::UnknownProvider,
+        ),
+        (
+            "no-model",
+            json(serde_json::json!({"custom_id": "no-model", "provider": "openai", "body": {}})),
+            RejectReason::InvalidBody,
+        ),
+        (
+            "wrong-endpoint",
+            json(
+                serde_json::json!({"custom_id": "wrong-endpoint", "provider": "openai",
+                "endpoint": "/v1/messages", "body": {"model": "gpt-4o-mini"}}),
+            ),
+            RejectReason::UnsupportedEndpoint,
+        ),
+    ];
+    for (n, (key, value, _)) in bad.iter().enumerate() {
+        let at = 40 * n + 7;
+        records.insert(at, Produce::raw(Some(key), value));
+        expected.insert((*key).to_owned());
+    }
+    produce(&topics.requests, &records).await;
+    wait_for_keys(&topics.results, &expected, RESULT_TIMEOUT);
+
+    let results = exactly_once(&read_all(&topics.results).await);
+    let mut on_topic: BTreeMap<String, f64> = BTreeMap::new();
+    for r in results.values() {
+        *on_topic
+            .entry(r["status"].as_str().unwrap().to_owned())
+            .or_default() += 1.0;
+    }
+    assert_eq!(
+        on_topic.get("errored").copied().unwrap_or(0.0),
+        errored as f64
+    );
+    assert_eq!(on_topic["rejected"], bad.len() as f64);
+    assert!(errored > 0, "the simulator injected no error");
+
+    // Counters move after the deliveries they count, and gauges are
+    // refreshed on the commit interval: scrape until they settle.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (text, samples) = loop {
+        let text = scrape(&listen).await;
+        let samples = parse_exposition(&text);
+        let published = sum_by(&samples, "batchline_results_published_total", "status");
+        let published: BTreeMap<String, f64> =
+            published.into_iter().filter(|(_, n)| *n > 0.0).collect();
+        let settled = published == on_topic
+            && sum(&samples, "batchline_held_requests", &[]) == 0.0
+            && sum(&samples, "batchline_batches_in_flight", &[]) == 0.0;
+        if settled || Instant::now() > deadline {
+            break (text, samples);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // In: every message read once; bad input counted by reason.
+    assert_eq!(
+        sum(&samples, "batchline_requests_consumed_total", &[]),
+        records.len() as f64
+    );
+    for reason in RejectReason::ALL {
+        let want = bad.iter().filter(|b| b.2 == reason).count() as f64;
+        assert_eq!(
+            sum(
+                &samples,
+                "batchline_requests_rejected_total",
+                &[("reason", reason.as_str())]
+            ),
+            want,
+            "rejected {reason}"
+        );
+    }
+    // Out: results by status are exactly what the results topic holds.
+    let published: BTreeMap<String, f64> =
+        sum_by(&samples, "batchline_results_published_total", "status")
+            .into_iter()
+            .filter(|(_, n)| *n > 0.0)
+            .collect();
+    assert_eq!(published, on_topic, "results published by status");
+    assert_eq!(sum(&samples, "batchline_held_requests", &[]), 0.0);
+    assert_eq!(sum(&samples, "batchline_spool_bytes", &[]), 0.0);
+
+    // Batches: each submitted batch ended completed and none is in flight.
+    let submitted = sum(
+        &samples,
+        "batchline_batches_submitted_total",
+        &[("provider", "openai")],
+    );
+    assert!(
+        submitted >= 6.0,
+        "300 requests in windows of 50: {submitted}"
+    );
+    assert_eq!(
+        sum(
+            &samples,
+            "batchline_batches_ended_total",
+            &[("provider", "openai"), ("status", "completed")]
+        ),
+        submitted
+    );
+    // At least every good request once (retried requests count again).
+    assert!(
+        sum(
+            &samples,
+            "batchline_batch_requests_sum",
+            &[("provider", "openai")]
+        ) >= 300.0
+    );
+    assert_eq!(sum(&samples, "batchline_batches_in_flight", &[]), 0.0);
+    assert_eq!(
+        sum(
+            &samples,
+            "batchline_provider_failing",
+            &[("provider", "openai")]
+        ),
+        0.0
+    );
+    assert!(
+        sum(
+            &samples,
+            "batchline_tokens_total",
+            &[("direction", "output")]
+        ) > 0.0
+    );
+    assert!(
+        sum(
+            &samples,
+            "batchline_cost_usd_total",
+            &[("model", "gpt-4o-mini")]
+        ) > 0.0
+    );
+
+    // Provider calls: every call the adapter made is counted under a
+    // named operation; the simulator answered the pipeline's calls with 200.
+    let calls = |operation: &str, status: &str| {
+        sum(
+            &samples,
+            "batchline_provider_requests_total",
+            &[
+                ("provider", "openai"),
+                ("operation", operation),
+                ("status", status),
+            ],
+        )
+    };
+    assert!(calls("upload_file", "200") >= submitted);
+    assert_eq!(calls("create_batch", "200"), submitted);
+    assert!(calls("get_batch", "200") >= submitted);
+    assert!(calls("download_file", "200") >= submitted);
+    let by_operation = sum_by(&samples, "batchline_provider_requests_total", "operation");
+    assert!(
+        !by_operation.contains_key("other"),
+        "calls not named: {by_operation:?}"
+    );
+    for (operation, n) in &by_operation {
+        assert_eq!(
+            sum(
+                &samples,
+                "batchline_provider_request_duration_seconds_count",
+                &[("operation", operation)]
+            ),
+            *n,
+            "every {operation} call is timed"
+        );
+    }
+    assert_eq!(
+        sum(
+            &samples,
+            "batchline_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+
+    // Everything the dashboard shows is in a real scrape.
+    assert_dashboard_uses_only(&sample_names(&samples), "a live /metrics scrape");
+
+    if let Some(promtool) = promtool("`promtool check metrics` on the live scrape") {
+        run_promtool(&promtool, &["check", "metrics"], &text);
+    }
+    batchline.stop().await;
+}
+
+/// Every metric family rendered, each touched once through its named
+/// method so that label-keyed families appear.
+fn every_metric_touched() -> Metrics {
+    let m = Metrics::new();
+    let route = Route {
+        provider: Arc::from("openai"),
+        kind: ProviderKind::Openai,
+        model: Arc::from("gpt-4o-mini"),
+        endpoint: "/v1/chat/completions",
+    };
+    m.provider_configured("openai");
+    m.request_consumed();
+    m.request_rejected(RejectReason::InvalidJson);
+    m.rejection_published(
+        batchline::model::RejectReason::InvalidJson,
+        Some("openai"),
+        true,
+    );
+    m.held(1, 100, 1);
+    m.consumer_paused(false);
+    m.batch_submitted(&route, 1, 100);
+    m.batch_ended(&route, "completed", Duration::from_secs(60));
+    m.results_published(
+        &route,
+        &Collected {
+            by_status: HashMap::from([(Status::Succeeded, 1)]),
+            cost_usd: 0.001,
+            input_tokens: 10,
+            output_tokens: 20,
+        },
+    );
+    m.result_latency(1.0);
+    m.ambiguous_create("openai");
+    m.route_failing("openai");
+    m.route_ok("openai");
+    m.provider_call("openai", "create_batch", "200", 0.1);
+    m
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_batchline_exports() {
+    let dashboard = load_dashboard();
+    assert_eq!(dashboard["uid"], "batchline");
+    assert_eq!(dashboard["title"], "batchline");
+    assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 39);
+    // Every panel and query uses the provisioned data source.
+    let mut ids = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "duplicate id {}",
+            panel["id"]
+        );
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(
+            panel["datasource"]["uid"], "prometheus",
+            "{}",
+            panel["title"]
+        );
+        for target in panel["targets"].as_array().unwrap() {
+            assert_eq!(target["datasource"]["uid"], "prometheus");
+        }
+    }
+    let provisioned =
+        std::fs::read_to_string(repo_file("dashboards/provisioning/datasources.yml")).unwrap();
+    assert!(provisioned.contains("uid: prometheus"));
+
+    let exposition = every_metric_touched().render();
+    let exported = sample_names(&parse_exposition(&exposition));
+    assert_dashboard_uses_only(&exported, "Metrics::render()");
+
+    // promtool parses every query (as recording rules), with Grafana's
+    // variables replaced by what Grafana would send.
+    if let Some(promtool) = promtool("`promtool check rules` on the dashboard's queries") {
+        let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+        for (n, (_, expr)) in dashboard_queries(&dashboard).iter().enumerate() {
+            if expr.starts_with("label_values(") {
+                continue;
+            }
+            let expr = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$provider", ".*");
+            rules.push_str(&format!(
+                "      - record: dashboard:query_{n}\n        expr: {}\n",
+                serde_json::to_string(&expr).unwrap()
+            ));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dashboard.rules.yml");
+        std::fs::write(&file, rules).unwrap();
+        run_promtool(&promtool, &["check", "rules", file.to_str().unwrap()], "");
+    }
+}
+
+/// The items of the YAML block sequence under the top-level `key`, each
+/// flattened to its `key: value` pairs at any depth; a nested sequence of
+/// scalars becomes its key's flow form `[a, b]`. A small subset of YAML,
+/// enough for a Prometheus configuration.
+fn yaml_list_items(text: &str, key: &str) -> Vec<BTreeMap<String, String>> {
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .map(|l| l.split(" #").next().unwrap().trim_end())
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .map(|l| (l.len() - l.trim_start().len(), l.trim_start()))
+        .collect();
+    let start = lines
+        .iter()
+        .position(|(depth, l)| *depth == 0 && *l == format!("{key}:"))
+        .unwrap_or_else(|| panic!("no top-level `{key}:`"));
+    let Some(&(item_indent, _)) = lines.get(start + 1) else {
+        return Vec::new();
+    };
+    let mut items: Vec<BTreeMap<String, String>> = Vec::new();
+    let mut open_key = String::new();
+    for &(depth, line) in &lines[start + 1..] {
+        if depth < item_indent || (depth == item_indent && !line.starts_with("- ")) {
+            break;
+        }
+        let line = match line.strip_prefix("- ") {
+            Some(rest) if depth == item_indent => {
+                items.push(BTreeMap::new());
+                rest
+            }
+            Some(rest) => rest,
+            None => line,
+        };
+        let item = items.last_mut().expect("a sequence item");
+        // `a: b` and `a:` are pairs; `a:b` and quoted strings are scalars.
+        let pair = line
+            .split_once(": ")
+            .or_else(|| line.strip_suffix(':').map(|k| (k, "")));
+        match pair {
+            Some((k, v)) if !k.starts_with(['"', '\'']) => {
+                open_key = k.trim().to_owned();
+                item.insert(open_key.clone(), v.trim().to_owned());
+            }
+            _ => {
+                let entry = item.entry(open_key.clone()).or_default();
+                let inner = entry.trim_start_matches('[').trim_end_matches(']');
+                *entry = if inner.is_empty() {
+                    format!("[{line}]")
+                } else {
+                    format!("[{inner}, {line}]")
+                };
+            }
+        }
+    }
+    items
+}
+
+#[test]
+fn prometheus_scrapes_batchline_metrics() {
+    let path = repo_file("config/prometheus.yml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains('\t'), "YAML forbids tabs for indentation");
+    let jobs = yaml_list_items(&text, "scrape_configs");
+    let job = jobs
+        .iter()
+        .find(|j| j.get("job_name").map(String::as_str) == Some("batchline"))
+        .unwrap_or_else(|| panic!("no batchline job in {jobs:?}"));
+    // Prometheus' default metrics_path is /metrics too.
+    let metrics_path = job.get("metrics_path").map(String::as_str);
+    assert!(
+        matches!(metrics_path, None | Some("/metrics")),
+        "{metrics_path:?}"
+    );
+    let targets = job
+        .get("targets")
+        .unwrap_or_else(|| panic!("no targets in {job:?}"));
+    let targets: Vec<&str> = targets
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split(',')
+        .map(|t| t.trim().trim_matches(|c| c == '"' || c == '\''))
+        .collect();
+    assert!(targets.contains(&"batchline:9464"), "{targets:?}");
+    // docker-compose.yml's batchline listens where Prometheus looks.
+    let compose = std::fs::read_to_string(repo_file("docker-compose.yml")).unwrap();
+    assert!(compose.contains("BATCHLINE__HTTP__LISTEN: \"0.0.0.0:9464\""));
+
+    // promtool parses the whole file as Prometheus does.
+    if let Some(promtool) = promtool("`promtool check config` on config/prometheus.yml") {
+        run_promtool(&promtool, &["check", "config", path.to_str().unwrap()], "");
+    }
+}
