@@ -48,9 +48,9 @@ struct Body {
     status: Option<String>,
     #[serde(default)]
     incomplete_details: Option<Incomplete>,
-    // Anthropic Messages.
+    // Anthropic Messages: content blocks, of which `text` ones are read.
     #[serde(default)]
-    content: Option<serde_json::Value>,
+    content: Option<Vec<ContentPart>>,
     #[serde(default)]
     stop_reason: Option<String>,
     #[serde(default)]
@@ -166,7 +166,13 @@ pub fn summarize(kind: ProviderKind, endpoint: &str, body: &RawValue) -> Summary
     };
     let (content, finish_reason) = match (kind, endpoint) {
         (ProviderKind::Anthropic, _) => (
-            b.content.as_ref().and_then(text_of),
+            b.content.as_ref().map(|parts| {
+                parts
+                    .iter()
+                    .filter(|p| p.kind == "text")
+                    .filter_map(|p| p.text.as_deref())
+                    .collect::<String>()
+            }),
             b.stop_reason.as_deref().and_then(normalise_finish_reason),
         ),
         (_, "/v1/embeddings") => (None, None),

@@ -224,8 +224,10 @@ struct ResultRow {
 
 #[derive(Debug, Deserialize)]
 struct BatchResult {
+    /// One key named after the endpoint; its body is kept raw, never parsed
+    /// into a tree.
     #[serde(default)]
-    response: Option<serde_json::Map<String, serde_json::Value>>,
+    response: Option<std::collections::BTreeMap<String, Box<RawValue>>>,
     #[serde(default)]
     error: Option<serde_json::Value>,
 }
@@ -251,13 +253,10 @@ pub fn parse_result_row(line: &str) -> Result<LineOutcome, String> {
     };
     let body = result
         .response
-        .as_ref()
-        .and_then(|r| r.values().next())
-        .filter(|b| !b.is_null());
+        .and_then(|r| r.into_values().next())
+        .filter(|b| b.get() != "null");
     let outcome = match (body, code, row.error_message.filter(|m| !m.is_empty())) {
-        (Some(body), 0, None) => LineResult::Succeeded {
-            body: serde_json::value::to_raw_value(body).map_err(|e| e.to_string())?,
-        },
+        (Some(body), 0, None) => LineResult::Succeeded { body },
         (_, code, top) => {
             let message = message
                 .or(top)
