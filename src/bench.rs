@@ -463,6 +463,22 @@ async fn hold_once(opts: &BenchOptions, n: usize) -> Result<ProcStats, BenchErro
     // Let sealed windows reach the provider, then measure.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let stats = proc_stats(child.child.id())?;
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.child.id())) {
+        let detail: Vec<&str> = status
+            .lines()
+            .filter(|l| {
+                l.starts_with("RssAnon") || l.starts_with("RssFile") || l.starts_with("RssShmem")
+            })
+            .collect();
+        eprintln!(
+            "hold {n}: {}",
+            detail
+                .join(", ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
     let _ = child.child.kill();
     let _ = child.child.wait();
     sim_stop.cancel();

@@ -853,7 +853,7 @@ async fn a_restart_resumes_unfinished_batches_and_keeps_ended_ones() {
         &dir,
         SimConfig {
             error_rate: 0.25,
-            batch_duration: Duration::from_millis(1500),
+            batch_duration: Duration::from_millis(1000),
             ..fast()
         },
     );
@@ -1006,15 +1006,15 @@ async fn a_cancel_survives_a_restart() {
     let config = durable(
         &dir,
         SimConfig {
-            batch_duration: Duration::from_secs(2),
-            finalize_duration: Duration::from_secs(2),
+            batch_duration: Duration::from_millis(1200),
+            finalize_duration: Duration::from_millis(1000),
             ..fast()
         },
     );
     let sim = TestSim::start(config.clone()).await;
     let batch = sim.submit(&requests("cr", 20)).await;
     let id = batch["id"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let response = sim
         .post(&format!("/messages/batches/{id}/cancel"))
         .send()

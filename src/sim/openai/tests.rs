@@ -1020,7 +1020,7 @@ async fn a_restart_resumes_unfinished_batches_and_keeps_finished_ones() {
         &dir,
         SimConfig {
             error_rate: 0.25,
-            batch_duration: Duration::from_millis(1500),
+            batch_duration: Duration::from_millis(1000),
             ..fast()
         },
     );
@@ -1205,7 +1205,8 @@ async fn a_batch_run_again_after_a_restart_is_not_billed_again() {
     // The ledger is exactly what it was before the restart.
     assert_eq!(sim.stats().await, stats);
     assert_billed_once(&stats, &custom_ids, &config);
-    // The batch's copy of its input is gone once it has ended.
+    // The batch's copy of its input is gone once it has ended (and saved).
+    sim.stop().await;
     assert!(!openai.join(format!("{id}.input.jsonl")).exists());
 }
 
@@ -1215,8 +1216,8 @@ async fn a_cancel_survives_a_restart() {
     let config = durable(
         &dir,
         SimConfig {
-            batch_duration: Duration::from_secs(2),
-            finalize_duration: Duration::from_secs(2),
+            batch_duration: Duration::from_millis(1200),
+            finalize_duration: Duration::from_millis(1000),
             ..fast()
         },
     );
@@ -1226,7 +1227,7 @@ async fn a_cancel_survives_a_restart() {
     let batch = sim.submit(text, CHAT).await;
     let id = batch["id"].as_str().unwrap().to_owned();
     sim.wait_for(&id, |status| status == "in_progress").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let response = sim
         .post(&format!("/batches/{id}/cancel"))
         .send()
