@@ -105,6 +105,10 @@ struct SimArgs {
     /// Fraction of requests that fail (deterministic by custom_id).
     #[arg(long, default_value_t = 0.0)]
     error_rate: f64,
+    /// Fraction of requests whose result the provider never returns
+    /// (deterministic by custom_id).
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
     /// Fraction of batches that fail validation.
     #[arg(long, default_value_t = 0.0)]
     fail_rate: f64,
@@ -206,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
                 batch_duration: args.batch_duration,
                 finalize_duration: args.finalize_duration,
                 error_rate: args.error_rate,
+                drop_rate: args.drop_rate,
                 fail_rate: args.fail_rate,
                 token_limit_rate: args.token_limit_rate,
                 expire_rate: args.expire_rate,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use batchline::config::{ApiKey, ProviderConfig, ProviderKind};
 use batchline::sim::anthropic::message_reply;
-use batchline::sim::openai::{chat_reply, injected_error};
+use batchline::sim::openai::{chat_reply, dropped_result, injected_error};
 use common::*;
 
 fn kind_provider(kind: ProviderKind, base_url: &str) -> ProviderConfig {
@@ -497,5 +497,78 @@ async fn one_topic_feeds_every_provider_and_a_named_compatible_one() {
                 assert!(r["usage"]["output_tokens"].as_u64().unwrap() > 0);
             }
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_a_provider_never_returns_are_errored_as_missing() {
+    // Each provider loses about 5 % of the results of batches that end
+    // normally: those requests come back `errored` with `missing_result`,
+    // everything else `succeeded`, nothing twice.
+    let (seed, rate) = (17, 0.05);
+    let sim = Sim::start(SimConfig {
+        drop_rate: rate,
+        seed,
+        ..SimConfig::default()
+    })
+    .await;
+    let topics = Topics::create(3).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
+    cfg.window.max_requests = Some(250);
+    cfg.providers.insert(
+        "anthropic".into(),
+        kind_provider(ProviderKind::Anthropic, &anthropic_url(&sim)),
+    );
+    cfg.providers.insert(
+        "xai".into(),
+        kind_provider(ProviderKind::Xai, &xai_url(&sim)),
+    );
+    let mut records = Vec::new();
+    let mut by_id = HashMap::new();
+    for (provider, model) in [
+        ("openai", "gpt-4o-mini"),
+        ("anthropic", "claude-haiku-4-5"),
+        ("xai", "grok-4.3"),
+    ] {
+        let (r, ids) = requests(&format!("lost-{provider}"), provider, model, 700);
+        records.extend(r);
+        by_id.extend(ids);
+    }
+    let results = run_to_completion(cfg, &topics, &records).await;
+
+    let mut missing: HashMap<&str, usize> = HashMap::new();
+    for (id, r) in &results {
+        let request = &by_id[id];
+        let provider = request["provider"].as_str().unwrap();
+        assert_eq!(r["provider"], provider);
+        if dropped_result(id, rate, seed) {
+            *missing.entry(provider).or_default() += 1;
+            assert_eq!(r["status"], "errored", "{r}");
+            assert_eq!(r["error"]["type"], "missing_result", "{r}");
+            assert!(r["content"].is_null(), "{r}");
+            assert!(r["batch_id"].is_string(), "{r}");
+            continue;
+        }
+        match provider {
+            "anthropic" => assert_anthropic_success(r, request),
+            "xai" => assert_xai_success(r, request),
+            _ => {
+                assert_eq!(r["status"], "succeeded", "{r}");
+                let (text, _) = chat_reply(&request["body"]);
+                assert_eq!(r["content"].as_str(), Some(text.as_str()));
+            }
+        }
+    }
+    for provider in ["openai", "anthropic", "xai"] {
+        assert!(
+            missing.get(provider).copied().unwrap_or(0) > 10,
+            "{missing:?}"
+        );
+    }
+    let stats = sim.stats().await;
+    for id in by_id.keys() {
+        let billed = stats["custom_ids"][id]["billed"].as_u64().unwrap_or(0);
+        assert_eq!(billed, u64::from(!dropped_result(id, rate, seed)), "{id}");
     }
 }

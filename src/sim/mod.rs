@@ -61,6 +61,7 @@ use tokio_util::task::TaskTracker;
 /// | `batch_duration` | time in `in_progress` | time to work through the requests, in a few steps |
 /// | `finalize_duration` | time in `canceling` | unused |
 /// | `error_rate` | `errored` lines | `batch_result.error` rows |
+/// | `drop_rate` | no entry in the results stream (counted succeeded) | no row (counted succeeded) |
 /// | `fail_rate` | every request `errored` (no failed batch) | `cancel_by_xai_message` set, counters 0 |
 /// | `token_limit_rate` | unused | unused |
 /// | `expire_rate`, `expire_completed_fraction` | the rest `expired` | the rest stay pending until cancelled |
@@ -84,6 +85,11 @@ pub struct SimConfig {
     /// Fraction of requests answered with a per-request error, chosen
     /// deterministically by `custom_id` (see [`openai::injected_error`]).
     pub error_rate: f64,
+    /// Fraction of requests whose result the provider never returns: no
+    /// line in either file, no entry in the results stream or pages, and
+    /// not billed. Chosen by `custom_id` (see [`openai::dropped_result`]),
+    /// independently of `error_rate`.
+    pub drop_rate: f64,
     /// Fraction of batches that fail validation as a whole.
     pub fail_rate: f64,
     /// Fraction of batches that go `validating -> failed` with
@@ -120,6 +126,7 @@ impl Default for SimConfig {
             batch_duration: Duration::from_millis(200),
             finalize_duration: Duration::from_millis(20),
             error_rate: 0.0,
+            drop_rate: 0.0,
             fail_rate: 0.0,
             token_limit_rate: 0.0,
             expire_rate: 0.0,

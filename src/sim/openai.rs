@@ -44,7 +44,9 @@ use tokio_util::sync::CancellationToken;
 use super::store::{self, Records, Slot};
 use super::{lock, random_base62, random_hex, unix_millis, unix_now, CallFault, Sim};
 
-pub use completions::{chat_reply, injected_error, injected_error_status, response_body};
+pub use completions::{
+    chat_reply, dropped_result, injected_error, injected_error_status, response_body,
+};
 
 /// Endpoints a batch may target (CreateBatchRequest.endpoint).
 pub const BATCH_ENDPOINTS: [&str; 8] = [

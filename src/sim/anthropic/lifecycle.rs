@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{message_body, Anthropic, ProcessingStatus, RequestCounts};
-use crate::sim::openai::{injected_error, injected_error_status};
+use crate::sim::openai::{dropped_result, injected_error, injected_error_status};
 use crate::sim::store::{self, part_path};
 use crate::sim::{deadline, pause_until, progress, random_base62, rfc3339, share, unix_millis};
 
@@ -196,6 +196,7 @@ async fn execute(state: &Arc<Anthropic>, id: &str, plan: Plan, fate: Fate) -> io
         tail: plan.tail,
         fail: fate.fail,
         error_rate: config.error_rate,
+        drop_rate: config.drop_rate,
         seed: config.seed,
         shutdown: state.sim.shutdown().clone(),
     };
@@ -235,6 +236,7 @@ struct Job {
     tail: Option<Tail>,
     fail: bool,
     error_rate: f64,
+    drop_rate: f64,
     seed: u64,
     /// The simulator stopping: the work stops too, to be redone later.
     shutdown: CancellationToken,
@@ -264,7 +266,11 @@ fn run_requests(job: &Job) -> io::Result<(RequestCounts, Vec<String>)> {
             continue;
         };
         let custom_id = request["custom_id"].as_str().unwrap_or_default();
-        let result = if index < job.ran {
+        let result = if index < job.ran && dropped_result(custom_id, job.drop_rate, job.seed) {
+            // Lost by the provider: counted, never in the results.
+            sink.counts.succeeded += 1;
+            continue;
+        } else if index < job.ran {
             run_request(job, custom_id, &request["params"])
         } else {
             match job.tail {

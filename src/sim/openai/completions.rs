@@ -28,6 +28,16 @@ pub fn injected_error(custom_id: &str, rate: f64, seed: u64) -> bool {
     unit_interval(xxh3_64_with_seed(custom_id.as_bytes(), seed)) < rate
 }
 
+/// Salt that makes the dropped-result draw independent of the error draw.
+const DROP_SALT: u64 = 0xd20f_0000_0000_0001;
+
+/// Whether the provider loses the result of the request with this
+/// `custom_id` (the simulator's `drop_rate`): a draw like
+/// [`injected_error`]'s, salted so the two are independent.
+pub fn dropped_result(custom_id: &str, rate: f64, seed: u64) -> bool {
+    injected_error(custom_id, rate, seed ^ DROP_SALT)
+}
+
 /// The HTTP status of an injected per-request error: 400
 /// (`context_length_exceeded`) for about half of the custom_ids, 500
 /// (`server_error`) for the rest, chosen deterministically.

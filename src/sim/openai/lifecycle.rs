@@ -41,8 +41,8 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::completions::{body_usage, embedding_input_count, request_model};
 use super::{
-    injected_error, injected_error_status, response_body, Batch, BatchError, BatchErrors,
-    BatchStatus, BatchUsage, FileObject, Life, OpenAi, ORGANIZATION,
+    dropped_result, injected_error, injected_error_status, response_body, Batch, BatchError,
+    BatchErrors, BatchStatus, BatchUsage, FileObject, Life, OpenAi, ORGANIZATION,
 };
 use crate::sim::store::{self, part_path};
 use crate::sim::{
@@ -759,6 +759,7 @@ async fn process(
         ran: plan.ran,
         tail: plan.tail,
         error_rate: config.error_rate,
+        drop_rate: config.drop_rate,
         seed: config.seed,
         shuffle_seed: xxh3_64(batch_id.as_bytes()),
         output: (output_id.clone(), part_path(&state.file_path(&output_id))),
@@ -776,6 +777,7 @@ struct Job {
     ran: u64,
     tail: Option<Tail>,
     error_rate: f64,
+    drop_rate: f64,
     seed: u64,
     shuffle_seed: u64,
     /// Ids and (temporary) paths of the result files.
@@ -827,6 +829,10 @@ fn run_requests(mut input: File, job: &Job) -> io::Result<Processed> {
 }
 
 fn run_request(sink: &mut ResultSink, job: &Job, custom_id: &str, body: &Value) -> io::Result<()> {
+    if dropped_result(custom_id, job.drop_rate, job.seed) {
+        // Lost by the provider: in neither file.
+        return Ok(());
+    }
     if injected_error(custom_id, job.error_rate, job.seed) {
         let status = injected_error_status(custom_id, job.seed);
         let error = if status == 400 {

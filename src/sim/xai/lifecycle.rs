@@ -46,7 +46,7 @@ use super::completions::{
     error_detail, is_batch_model, result_response, row_cost, BATCH_ENDPOINTS,
 };
 use super::{Batch, Life, RequestMeta, RequestState, Xai};
-use crate::sim::openai::injected_error;
+use crate::sim::openai::{dropped_result, injected_error};
 use crate::sim::store;
 use crate::sim::{deadline, pause_until, share, unix_millis};
 
@@ -210,8 +210,12 @@ async fn run(state: &Arc<Xai>, id: &str, cancel: &CancellationToken) -> io::Resu
         return Ok(());
     };
     let (path, batch_id) = (state.results_path(id), id.to_owned());
-    let (error_rate, seed, shutdown) =
-        (config.error_rate, config.seed, state.sim.shutdown().clone());
+    let (error_rate, drop_rate, seed, shutdown) = (
+        config.error_rate,
+        config.drop_rate,
+        config.seed,
+        state.sim.shutdown().clone(),
+    );
     let mut runner = state
         .sim
         .blocking(move || {
@@ -224,6 +228,7 @@ async fn run(state: &Arc<Xai>, id: &str, cancel: &CancellationToken) -> io::Resu
                     batch_id,
                     created: accepted.created,
                     error_rate,
+                    drop_rate,
                     seed,
                     shutdown,
                 },
@@ -552,6 +557,7 @@ struct Context {
     batch_id: String,
     created: i64,
     error_rate: f64,
+    drop_rate: f64,
     seed: u64,
     /// The simulator stopping: the work stops too, to be redone later.
     shutdown: CancellationToken,
@@ -636,6 +642,18 @@ impl Runner {
                     },
                 ),
             };
+            if mode == Mode::Run
+                && dropped_result(custom_id, self.context.drop_rate, self.context.seed)
+            {
+                // Lost by xAI: settled and counted, but no row, never billed.
+                outcomes.push(Outcome {
+                    billed: None,
+                    cost_usd_ticks: 0,
+                    ..outcome
+                });
+                self.next += 1;
+                continue;
+            }
             let row = json!({"batch_request_id": custom_id, "batch_result": result});
             let mut line = serde_json::to_vec(&row)?;
             line.push(b'\n');
