@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::provider;
 use crate::publisher::{PublishError, Publisher, RejectedInput};
+use crate::state::Journal;
 use crate::submitter::{BatchContext, ProviderSlot, Submitter};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,8 @@ pub enum AppError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     #[error("ingest thread panicked")]
     IngestPanicked,
 }
@@ -66,6 +69,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
     let metrics = Metrics::new();
     let abandon = CancellationToken::new();
     let publisher = Arc::new(Publisher::new(&cfg, abandon.clone())?);
+    let journal = Arc::new(Journal::new(&cfg)?);
     let offsets = Arc::new(Mutex::new(OffsetTracker::new()));
     let backlog = Arc::new(Backlog::default());
 
@@ -99,6 +103,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
         batch: cfg.batch.clone(),
         retry: cfg.retry.clone(),
         metrics: metrics.clone(),
+        journal: journal.clone(),
         known_batches: Default::default(),
     });
 
@@ -117,7 +122,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
 
     let (batch_tx, batch_rx) = mpsc::channel(1024);
     let (reject_tx, reject_rx) = mpsc::channel(4096);
-    let ingest = Ingest::new(&cfg, offsets.clone(), backlog.clone(), metrics.clone())?;
+    let ingest = Ingest::new(
+        &cfg,
+        journal.clone(),
+        offsets.clone(),
+        backlog.clone(),
+        metrics.clone(),
+    )?;
     let drained = CancellationToken::new();
     let ingest_thread = {
         let shutdown = shutdown.clone();
@@ -168,6 +179,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
         .await
         .expect("joining the ingest thread");
     publisher.flush(Duration::from_secs(5));
+    journal.flush(Duration::from_secs(5));
     deadline.abort();
     http_stop.cancel();
     let _ = http.await;
@@ -246,7 +258,7 @@ async fn ensure_topics(cfg: &Config) -> Result<(), AppError> {
     .await
     .expect("metadata task")
     .map_err(AppError::Topics)?;
-    let missing: Vec<&String> = [&cfg.topics.results, &cfg.topics.dlq]
+    let missing: Vec<&String> = [&cfg.topics.results, &cfg.topics.dlq, &cfg.topics.state]
         .into_iter()
         .filter(|t| !existing.contains(t))
         .collect();
@@ -258,7 +270,15 @@ async fn ensure_topics(cfg: &Config) -> Result<(), AppError> {
         .map_err(|e| AppError::Topics(e.to_string()))?;
     let topics: Vec<NewTopic<'_>> = missing
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
+        .map(|t| {
+            let topic = NewTopic::new(t, partitions, TopicReplication::Fixed(-1));
+            if **t == cfg.topics.state {
+                // The journal: only the latest record per key matters.
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
         .collect();
     let results = admin
         .create_topics(

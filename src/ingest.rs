@@ -7,9 +7,9 @@
 //! never stops the loop: it becomes a dead letter and a `rejected` result.
 //! When too much work is held, partitions are paused, not the loop.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -21,11 +21,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ProviderKind, RouteLimits};
+use crate::journal::{BatchRecord, OffsetSet, Phase};
 use crate::metrics::Metrics;
 use crate::model::{decode_request, RejectReason, Rejection, Source};
 use crate::offsets::OffsetTracker;
-use crate::packer::{PackError, PackRequest, Packer, Route, SealedBatch};
+use crate::packer::{PackError, PackRequest, Packer, RebuildWindow, Route, SealedBatch};
 use crate::publisher::RejectedInput;
+use crate::state::{self, Journal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -227,9 +229,14 @@ impl ConsumerContext for IngestContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let assigned = partitions_of(tpl, &self.topic);
+            // Nothing is read from a new partition before its journal is
+            // replayed (DESIGN.md "Assignment").
+            if let Err(e) = consumer.pause(tpl) {
+                tracing::warn!(error = %e, "pausing newly assigned partitions failed");
+            }
             tracing::info!(partitions = ?assigned, "partitions assigned");
             self.events
                 .lock()
@@ -251,8 +258,133 @@ pub struct IngestOutputs {
     pub rejections: mpsc::Sender<RejectedInput>,
 }
 
+/// How often a commit is confirmed and marked in the journal.
+const MARK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Claims partition `p`, reads its journal back and folds it into what
+/// reading the partition again must do. A file-provider batch found at
+/// `intent` never sent a create: it is ended at once with a `done` that
+/// releases its offsets, which are then packed again like new ones.
+fn replay(
+    cfg: &Config,
+    journal: &Journal,
+    consumer: &BaseConsumer<IngestContext>,
+    runtime: &tokio::runtime::Handle,
+    p: i32,
+) -> Result<Recovery, String> {
+    let epoch = runtime
+        .block_on(journal.claim(p))
+        .map_err(|e| e.to_string())?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&cfg.topics.requests, p);
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .map_err(|e| format!("reading the committed offset: {e}"))?
+        .find_partition(&cfg.topics.requests, p)
+        .and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        });
+    let back =
+        state::read_back(cfg, p, &epoch, Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    let replay = &back.replay;
+    let resume = replay.resume_point(committed);
+    let mut recovery = Recovery {
+        epoch: epoch.clone(),
+        resume,
+        terminal: OffsetSet::new(),
+        rebuilding: Vec::new(),
+    };
+    for b in replay.batches.values() {
+        let below = matches!((b.offsets.max(), resume), (Some(max), Some(c)) if max < c);
+        let keys = back.keys.get(&b.id).cloned().unwrap_or_default();
+        journal.adopt_keys(
+            p,
+            &b.id,
+            keys,
+            b.offsets.max().unwrap_or(-1),
+            below || b.phase == Phase::Done,
+        );
+        if below {
+            continue;
+        }
+        if b.phase == Phase::Done {
+            if let Some(t) = &b.terminal {
+                recovery.terminal.union_with(t);
+            }
+            continue;
+        }
+        let kind = cfg.providers.get(&b.route.provider).map(|p| p.kind);
+        if b.phase == Phase::Intent && kind != Some(ProviderKind::Anthropic) {
+            let mut done = b.clone();
+            done.phase = Phase::Done;
+            done.terminal = Some(OffsetSet::new());
+            done.released = vec![crate::journal::Released {
+                offsets: b.offsets.clone(),
+                attempt: b.attempt,
+                requeues: b.requeues,
+            }];
+            runtime
+                .block_on(journal.write_batch(p, &epoch, done))
+                .map_err(|e| e.to_string())?;
+            tracing::info!(partition = p, batch = %b.id, "batch planned but never sent; its requests are packed again");
+            continue;
+        }
+        recovery.rebuilding.push(Rebuilding {
+            record: b.clone(),
+            window: None,
+            remaining: b.offsets.len(),
+        });
+    }
+    Ok(recovery)
+}
+
+/// What replaying a partition's journal left to do while reading it again.
+struct Recovery {
+    epoch: String,
+    /// Nothing below it is packed again.
+    resume: Option<i64>,
+    /// Offsets a `done` answered: skipped, and released for commit.
+    terminal: OffsetSet,
+    /// Open batches filled again from the input topic by offset.
+    rebuilding: Vec<Rebuilding>,
+}
+
+struct Rebuilding {
+    record: BatchRecord,
+    window: Option<RebuildWindow>,
+    remaining: u64,
+}
+
+/// An assigned input partition.
+enum Part {
+    /// Paused while its journal is replayed; `first_dropped` is the first
+    /// message that arrived anyway, read again once it is ready.
+    Replaying {
+        generation: u64,
+        stop: CancellationToken,
+        first_dropped: Option<i64>,
+    },
+    Ready(Box<Recovery>),
+}
+
+/// The outcome of a replay thread.
+struct Replayed {
+    partition: i32,
+    generation: u64,
+    recovery: Recovery,
+}
+
 pub struct Ingest {
     consumer: Arc<BaseConsumer<IngestContext>>,
+    cfg: Arc<Config>,
+    journal: Arc<Journal>,
+    runtime: tokio::runtime::Handle,
+    replayed_tx: std_mpsc::Sender<Replayed>,
+    replayed_rx: std_mpsc::Receiver<Replayed>,
+    generation: u64,
+    parts: HashMap<i32, Part>,
+    last_mark: Instant,
     topic: String,
     topic_arc: Arc<str>,
     packer: Packer,
@@ -262,14 +394,14 @@ pub struct Ingest {
     metrics: Metrics,
     max_held_requests: u64,
     max_spool_bytes: u64,
-    assigned: HashSet<i32>,
     paused: bool,
     commit_interval: Duration,
 }
 
 impl Ingest {
     pub fn new(
-        cfg: &Config,
+        cfg: &Arc<Config>,
+        journal: Arc<Journal>,
         offsets: Arc<Mutex<OffsetTracker>>,
         backlog: Arc<Backlog>,
         metrics: Metrics,
@@ -297,8 +429,17 @@ impl Ingest {
         let consumer: BaseConsumer<IngestContext> = client
             .create_with_context(context)
             .map_err(IngestError::Consumer)?;
+        let (replayed_tx, replayed_rx) = std_mpsc::channel();
         Ok(Ingest {
             consumer: Arc::new(consumer),
+            cfg: cfg.clone(),
+            journal,
+            runtime: tokio::runtime::Handle::current(),
+            replayed_tx,
+            replayed_rx,
+            generation: 0,
+            parts: HashMap::new(),
+            last_mark: Instant::now(),
             topic: cfg.topics.requests.clone(),
             topic_arc: cfg.topics.requests.as_str().into(),
             packer: Packer::new(&cfg.spool.dir, cfg.topics.requests.as_str())?,
@@ -308,7 +449,6 @@ impl Ingest {
             metrics,
             max_held_requests: cfg.limits.max_held_requests,
             max_spool_bytes: cfg.limits.max_spool_bytes.0,
-            assigned: HashSet::new(),
             paused: false,
             commit_interval: Duration::from_millis(500),
         })
@@ -369,6 +509,7 @@ impl Ingest {
             let consumer = self.consumer.clone();
             let message = consumer.poll(timeout);
             self.drain_events();
+            self.finish_replays();
             match message {
                 Some(Ok(m)) => self.handle(&m, outputs)?,
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
@@ -395,8 +536,33 @@ impl Ingest {
         outputs: &IngestOutputs,
     ) -> Result<(), IngestError> {
         let (partition, offset) = (m.partition(), m.offset());
-        if !self.assigned.contains(&partition) {
-            return Ok(());
+        match self.parts.get_mut(&partition) {
+            None => return Ok(()),
+            Some(Part::Replaying { first_dropped, .. }) => {
+                // Fetched before the pause took effect: read again later.
+                *first_dropped = Some(first_dropped.map_or(offset, |f| f.min(offset)));
+                return Ok(());
+            }
+            Some(Part::Ready(recovery)) => {
+                if recovery.resume.is_some_and(|c| offset < c) {
+                    return Ok(());
+                }
+                if recovery.terminal.contains(offset) {
+                    // Answered before the restart; only the commit is left.
+                    let mut offsets = self.offsets.lock().expect("offset tracker lock");
+                    if offsets.track(partition, offset) {
+                        offsets.complete(partition, offset);
+                    }
+                    return Ok(());
+                }
+                if let Some(i) = recovery
+                    .rebuilding
+                    .iter()
+                    .position(|b| b.record.offsets.contains(offset))
+                {
+                    return self.rebuild(m, i, outputs);
+                }
+            }
         }
         if !self
             .offsets
@@ -481,7 +647,74 @@ impl Ingest {
         Ok(())
     }
 
-    fn send_batch(&self, batch: SealedBatch, outputs: &IngestOutputs) {
+    /// Adds a re-read request to the open batch it belongs to; once the
+    /// batch is whole again it goes to the submitter, which carries on from
+    /// its recorded phase.
+    fn rebuild(
+        &mut self,
+        m: &BorrowedMessage<'_>,
+        i: usize,
+        outputs: &IngestOutputs,
+    ) -> Result<(), IngestError> {
+        let (partition, offset) = (m.partition(), m.offset());
+        if !self
+            .offsets
+            .lock()
+            .expect("offset tracker lock")
+            .track(partition, offset)
+        {
+            return Ok(());
+        }
+        let Some(Part::Ready(recovery)) = self.parts.get_mut(&partition) else {
+            return Ok(());
+        };
+        let b = &mut recovery.rebuilding[i];
+        let decoded = decode_request(m.key(), m.payload());
+        match (decoded, b.window.as_mut()) {
+            (Ok(d), Some(window)) => {
+                let req = PackRequest {
+                    custom_id: &d.custom_id,
+                    body: d.body,
+                    metadata: d.metadata,
+                    offset,
+                    timestamp_ms: m.timestamp().to_millis(),
+                };
+                window.add(&req).map_err(IngestError::Pack)?;
+                self.backlog.hold(1, 0);
+            }
+            (Err(r), _) => {
+                // The bytes decoded when the batch was planned: they changed
+                // or the contract did. Its result comes from the provider.
+                tracing::error!(partition, offset, batch = %b.record.id, reason = %r.reason, "a request of an open batch no longer decodes");
+                self.backlog.hold(1, 0);
+            }
+            (Ok(_), None) => self.backlog.hold(1, 0),
+        }
+        b.remaining = b.remaining.saturating_sub(1);
+        if b.remaining > 0 {
+            return Ok(());
+        }
+        let b = recovery.rebuilding.swap_remove(i);
+        let epoch = recovery.epoch.clone();
+        let Some(window) = b.window else {
+            tracing::error!(batch = %b.record.id, provider = %b.record.route.provider, "an open batch's provider is not configured; its requests stay uncommitted");
+            return Ok(());
+        };
+        let mut batch = window.seal().map_err(IngestError::Pack)?;
+        batch.attempt = b.record.attempt;
+        batch.epoch = epoch;
+        tracing::info!(batch = %batch.id, phase = b.record.phase.as_str(), requests = batch.len(), "open batch re-read from the input topic");
+        batch.recovered = Some(Box::new(b.record));
+        self.send_batch(batch, outputs);
+        Ok(())
+    }
+
+    fn send_batch(&self, mut batch: SealedBatch, outputs: &IngestOutputs) {
+        if batch.epoch.is_empty() {
+            if let Some(Part::Ready(r)) = self.parts.get(&batch.partition) {
+                batch.epoch = r.epoch.clone();
+            }
+        }
         self.backlog.hold(0, batch.input_bytes);
         tracing::debug!(batch = %batch.id, requests = batch.len(), bytes = batch.input_bytes, "window sealed");
         if let Err(mpsc::error::SendError(batch)) = outputs.batches.blocking_send(batch) {
@@ -510,15 +743,26 @@ impl Ingest {
         for event in events {
             match event {
                 RebalanceEvent::Assigned(ps) => {
-                    self.assigned.extend(ps.iter().copied());
-                    if self.paused {
-                        self.pause(&ps);
+                    for p in ps {
+                        self.start_replay(p);
                     }
                 }
                 RebalanceEvent::Revoked(ps) => {
                     let mut offsets = self.offsets.lock().expect("offset tracker lock");
                     for p in ps {
-                        self.assigned.remove(&p);
+                        match self.parts.remove(&p) {
+                            Some(Part::Replaying { stop, .. }) => stop.cancel(),
+                            Some(Part::Ready(recovery)) => {
+                                for b in recovery.rebuilding {
+                                    if let Some(w) = b.window {
+                                        self.backlog.release(w.len() as u64, 0);
+                                        w.discard();
+                                    }
+                                }
+                            }
+                            None => {}
+                        }
+                        self.journal.release(p);
                         let held = self.packer.discard_partition(p);
                         self.backlog.release(held.requests, 0);
                         offsets.forget(p);
@@ -526,6 +770,128 @@ impl Ingest {
                 }
             }
         }
+    }
+
+    /// Replays partition `p`'s journal on a thread of its own: claim,
+    /// read back, fold. The partition stays paused until it is done.
+    fn start_replay(&mut self, p: i32) {
+        self.generation += 1;
+        let generation = self.generation;
+        let stop = CancellationToken::new();
+        if let Some(Part::Replaying { stop, .. }) = self.parts.insert(
+            p,
+            Part::Replaying {
+                generation,
+                stop: stop.clone(),
+                first_dropped: None,
+            },
+        ) {
+            stop.cancel();
+        }
+        let (cfg, journal, consumer, runtime, tx) = (
+            self.cfg.clone(),
+            self.journal.clone(),
+            self.consumer.clone(),
+            self.runtime.clone(),
+            self.replayed_tx.clone(),
+        );
+        let metrics = self.metrics.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("replay-{p}"))
+            .spawn(move || {
+                let started = Instant::now();
+                let mut wait = Duration::from_millis(200);
+                loop {
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    match replay(&cfg, &journal, &consumer, &runtime, p) {
+                        Ok(recovery) => {
+                            metrics.journal_replayed(started.elapsed());
+                            let _ = tx.send(Replayed {
+                                partition: p,
+                                generation,
+                                recovery,
+                            });
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(partition = p, error = %e, "replaying the journal failed; retrying");
+                            std::thread::sleep(wait);
+                            wait = (wait * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(partition = p, error = %e, "spawning a replay thread failed");
+        }
+    }
+
+    /// Makes replayed partitions ready and resumes them.
+    fn finish_replays(&mut self) {
+        while let Ok(done) = self.replayed_rx.try_recv() {
+            let p = done.partition;
+            let first_dropped = match self.parts.get(&p) {
+                Some(Part::Replaying {
+                    generation,
+                    first_dropped,
+                    ..
+                }) if *generation == done.generation => *first_dropped,
+                // Revoked, or assigned again since.
+                _ => continue,
+            };
+            let mut recovery = done.recovery;
+            for b in &mut recovery.rebuilding {
+                b.window = self.rebuild_window(p, &b.record);
+            }
+            tracing::info!(
+                partition = p,
+                resume = ?recovery.resume,
+                open_batches = recovery.rebuilding.len(),
+                "journal replayed; partition ready"
+            );
+            self.parts.insert(p, Part::Ready(Box::new(recovery)));
+            if let Some(o) = first_dropped {
+                if let Err(e) =
+                    self.consumer
+                        .seek(&self.topic, p, Offset::Offset(o), Duration::from_secs(5))
+                {
+                    tracing::warn!(partition = p, offset = o, error = %e, "seeking back failed");
+                }
+            }
+            if !self.paused {
+                self.resume(&[p]);
+            }
+        }
+    }
+
+    fn rebuild_window(&self, p: i32, record: &BatchRecord) -> Option<RebuildWindow> {
+        let r = &record.route;
+        let (route, limits) = self
+            .router
+            .route(Some(&r.provider), Some(&r.endpoint), &r.model)
+            .ok()?;
+        RebuildWindow::open(
+            &self.cfg.spool.dir,
+            self.topic_arc.clone(),
+            &record.id,
+            p,
+            &route,
+            limits,
+        )
+        .inspect_err(
+            |e| tracing::error!(batch = %record.id, error = %e, "opening a spool file failed"),
+        )
+        .ok()
+    }
+
+    fn ready(&self) -> Vec<i32> {
+        self.parts
+            .iter()
+            .filter(|(_, part)| matches!(part, Part::Ready(_)))
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     fn pause(&self, partitions: &[i32]) {
@@ -538,8 +904,20 @@ impl Ingest {
         }
     }
 
+    fn resume(&self, partitions: &[i32]) -> bool {
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        if let Err(e) = self.consumer.resume(&tpl) {
+            tracing::warn!(error = %e, "resuming partitions failed");
+            return false;
+        }
+        true
+    }
+
     fn pause_all(&mut self) {
-        let ps: Vec<i32> = self.assigned.iter().copied().collect();
+        let ps: Vec<i32> = self.parts.keys().copied().collect();
         self.pause(&ps);
         self.paused = true;
     }
@@ -558,12 +936,7 @@ impl Ingest {
             && requests * 5 < self.max_held_requests * 4
             && bytes * 5 < self.max_spool_bytes * 4
         {
-            let mut tpl = TopicPartitionList::new();
-            for &p in &self.assigned {
-                tpl.add_partition(&self.topic, p);
-            }
-            if let Err(e) = self.consumer.resume(&tpl) {
-                tracing::warn!(error = %e, "resuming partitions failed");
+            if !self.resume(&self.ready()) {
                 return;
             }
             tracing::info!(requests, bytes, "resuming consumption");
@@ -578,19 +951,41 @@ impl Ingest {
             offsets.commit_candidates()
         };
         let mut tpl = TopicPartitionList::new();
+        let mut committing = Vec::new();
         for &(p, o) in &candidates {
-            if self.assigned.contains(&p) {
+            if matches!(self.parts.get(&p), Some(Part::Ready(_))) {
                 let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(o));
+                committing.push((p, o));
             }
         }
+        // Now and then a commit is made synchronously, so that it is known
+        // to be durable: the journal then marks it and tombstones the
+        // batches wholly below it.
+        let confirm = matches!(mode, CommitMode::Sync) || self.last_mark.elapsed() >= MARK_INTERVAL;
         if tpl.count() == 0 {
             return;
         }
+        let mode = if confirm { CommitMode::Sync } else { mode };
         match self.consumer.commit(&tpl, mode) {
             Ok(()) => {
-                let mut offsets = self.offsets.lock().expect("offset tracker lock");
-                for (p, o) in candidates {
-                    offsets.mark_committed(p, o);
+                {
+                    let mut offsets = self.offsets.lock().expect("offset tracker lock");
+                    for &(p, o) in &committing {
+                        offsets.mark_committed(p, o);
+                    }
+                }
+                if confirm {
+                    self.last_mark = Instant::now();
+                    for (p, o) in committing {
+                        let journal = self.journal.clone();
+                        self.runtime.spawn(async move {
+                            match journal.committed(p, o).await {
+                                Ok(0) => {}
+                                Ok(n) => tracing::debug!(partition = p, offset = o, batches = n, "finished batches tombstoned"),
+                                Err(e) => tracing::warn!(partition = p, error = %e, "marking a commit in the journal failed"),
+                            }
+                        });
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "offset commit failed"),

@@ -20,6 +20,7 @@ pub mod provider;
 pub mod publisher;
 pub mod send;
 pub mod sim;
+pub mod state;
 pub mod submitter;
 pub mod tracker;
 

@@ -36,6 +36,8 @@ pub struct Metrics {
     cost: prometheus::CounterVec,
     consumer_paused: IntGauge,
     commit_lag: Histogram,
+    journal_replay: Histogram,
+    orphans: IntCounterVec,
     provider_requests: IntCounterVec,
     provider_request_duration: HistogramVec,
 }
@@ -111,6 +113,16 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(commit_lag.clone()))
+            .expect("metric registered once");
+        let journal_replay = Histogram::with_opts(
+            HistogramOpts::new(
+                "batchline_journal_replay_seconds",
+                "Time to claim a partition and replay its journal.",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0]),
+        )
+        .expect("valid metric");
+        r.register(Box::new(journal_replay.clone()))
             .expect("metric registered once");
         // Constant 1, so dashboards can show (and join on) the version.
         gauge_vec(
@@ -232,6 +244,13 @@ impl Metrics {
                 "1 while consumption is paused for backpressure.",
             ),
             commit_lag,
+            journal_replay,
+            orphans: counter_vec(
+                &r,
+                "batchline_orphan_batches_total",
+                "Provider batches found for work already finished, cancelled at once.",
+                &["provider"],
+            ),
             provider_requests: counter_vec(
                 &r,
                 "batchline_provider_requests_total",
@@ -278,6 +297,14 @@ impl Metrics {
                 .with_label_values(&[provider.unwrap_or(""), "rejected"])
                 .inc();
         }
+    }
+
+    pub fn journal_replayed(&self, took: Duration) {
+        self.journal_replay.observe(took.as_secs_f64());
+    }
+
+    pub fn orphan_batch(&self, provider: &str) {
+        self.orphans.with_label_values(&[provider]).inc();
     }
 
     pub fn held(&self, requests: u64, bytes: u64, windows: usize) {

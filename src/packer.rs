@@ -91,6 +91,12 @@ pub struct SealedBatch {
     index: HashMap<u64, u32>,
     pub opened_at: Instant,
     pub attempt: u32,
+    /// The epoch under which this instance owns the batch's partition; set
+    /// by ingest when it hands the batch on. Journal writes carry it.
+    pub epoch: String,
+    /// For a batch rebuilt from the journal after a restart or hand-over:
+    /// the furthest phase its earlier owner recorded.
+    pub recovered: Option<Box<crate::journal::BatchRecord>>,
 }
 
 impl SealedBatch {
@@ -156,6 +162,17 @@ impl Window {
         now: Instant,
     ) -> Result<Window, PackError> {
         let id = format!("bl-{partition}-{}", uuid::Uuid::now_v7());
+        Window::open_as(dir, id, partition, route, limits, now)
+    }
+
+    fn open_as(
+        dir: &Path,
+        id: String,
+        partition: i32,
+        route: &Route,
+        limits: RouteLimits,
+        now: Instant,
+    ) -> Result<Window, PackError> {
         let input_path = dir.join(format!("{id}.jsonl"));
         let meta_path = dir.join(format!("{id}.meta.jsonl"));
         let create = |path: &Path| {
@@ -241,6 +258,8 @@ impl Window {
             index: self.index,
             opened_at: self.opened_at,
             attempt: 1,
+            epoch: String::new(),
+            recovered: None,
         })
     }
 
@@ -286,6 +305,50 @@ pub fn encode_line(
     }
     line.extend_from_slice(b"}\n");
     line
+}
+
+/// A batch known from the journal, filled again from the input topic by
+/// offset after a restart or hand-over, under its original id.
+pub struct RebuildWindow {
+    window: Window,
+    topic: Arc<str>,
+}
+
+impl RebuildWindow {
+    pub fn open(
+        dir: &Path,
+        topic: Arc<str>,
+        id: &str,
+        partition: i32,
+        route: &Route,
+        limits: RouteLimits,
+    ) -> Result<RebuildWindow, PackError> {
+        let window = Window::open_as(dir, id.to_owned(), partition, route, limits, Instant::now())?;
+        Ok(RebuildWindow { window, topic })
+    }
+
+    /// Adds a request as the original window did.
+    pub fn add(&mut self, req: &PackRequest<'_>) -> Result<(), PackError> {
+        let route = &self.window.route;
+        let line = encode_line(route.kind, route.endpoint, req.custom_id, req.body);
+        self.window.write(req, &line)
+    }
+
+    pub fn len(&self) -> usize {
+        self.window.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.window.len() == 0
+    }
+
+    pub fn seal(self) -> Result<SealedBatch, PackError> {
+        self.window.seal(&self.topic)
+    }
+
+    pub fn discard(self) {
+        self.window.discard();
+    }
 }
 
 /// The open windows of every partition this instance owns.

@@ -18,12 +18,16 @@ use tokio_util::sync::CancellationToken;
 use crate::collector::{self, CollectContext, Pricing};
 use crate::config::{BatchConfig, RetryConfig};
 use crate::ingest::Backlog;
+use crate::journal::{BatchRecord, OffsetSet, Phase, RouteRecord};
 use crate::metrics::Metrics;
 use crate::model::{ErrorInfo, Status};
 use crate::offsets::OffsetTracker;
 use crate::packer::SealedBatch;
-use crate::provider::{BatchState, CreateError, Provider, ProviderBatch, ProviderError};
+use crate::provider::{
+    BatchState, CreateError, Provider, ProviderBatch, ProviderError, RequestCounts,
+};
 use crate::publisher::Publisher;
+use crate::state::StateError;
 use crate::tracker::{self, TrackOptions, Tracked};
 
 /// A configured, enabled provider and its admission cap.
@@ -44,6 +48,7 @@ pub struct BatchContext {
     pub batch: BatchConfig,
     pub retry: RetryConfig,
     pub metrics: Metrics,
+    pub journal: Arc<crate::state::Journal>,
     /// Provider batch ids this instance created or adopted: never a
     /// candidate for another batch's ambiguous create.
     pub known_batches: Mutex<HashSet<String>>,
@@ -103,6 +108,17 @@ fn log_panic(joined: Result<(), tokio::task::JoinError>) {
     if let Err(e) = joined {
         tracing::error!(error = %e, "batch task failed");
     }
+}
+
+/// Where a batch task begins.
+enum Start {
+    /// Upload and create.
+    Submit,
+    /// A create may have been sent before a crash or hand-over; the input
+    /// file it used, if any.
+    Resolve(Option<String>),
+    /// The provider batch exists: track it (its input file id, if any).
+    Attach(String, Option<String>),
 }
 
 /// How submission ended.
@@ -199,6 +215,22 @@ async fn submit(
                 continue 'upload;
             }
         };
+        if file_id.is_some()
+            && !record(
+                ctx,
+                batch,
+                Phase::Uploaded,
+                Phased {
+                    file_id: file_id.as_deref(),
+                    ..Phased::default()
+                },
+                abandon,
+            )
+            .await
+        {
+            delete_file(provider, file_id.as_deref()).await;
+            return Submission::Abandoned;
+        }
         crate::crash_point!("after_upload");
         let uploaded_at = Instant::now();
         let mut attempt = 0;
@@ -210,7 +242,7 @@ async fn submit(
                 delete_file(provider, file_id.as_deref()).await;
                 continue 'upload;
             }
-            if abandon.is_cancelled() {
+            if abandon.is_cancelled() || !ctx.journal.owns(batch.partition, &batch.epoch) {
                 delete_file(provider, file_id.as_deref()).await;
                 return Submission::Abandoned;
             }
@@ -219,6 +251,9 @@ async fn submit(
                     ctx.claim(&pb.id);
                     ctx.metrics.route_ok(provider.name());
                     crate::crash_point!("after_create");
+                    if !record_submitted(ctx, batch, &pb, abandon).await {
+                        return Submission::Abandoned;
+                    }
                     return Submission::Created { pb, adopted: false };
                 }
                 Err(CreateError::Refused(e)) => {
@@ -246,7 +281,12 @@ async fn submit(
                     ctx.metrics.ambiguous_create(provider.name());
                     match resolve_ambiguous(ctx, provider, batch, file_id.as_deref(), abandon).await
                     {
-                        Some(Some(pb)) => return Submission::Created { pb, adopted: true },
+                        Some(Some(pb)) => {
+                            if !record_submitted(ctx, batch, &pb, abandon).await {
+                                return Submission::Abandoned;
+                            }
+                            return Submission::Created { pb, adopted: true };
+                        }
                         Some(None) => continue 'upload,
                         None => return Submission::Abandoned,
                     }
@@ -254,6 +294,26 @@ async fn submit(
             }
         }
     }
+}
+
+async fn record_submitted(
+    ctx: &BatchContext,
+    batch: &SealedBatch,
+    pb: &ProviderBatch,
+    abandon: &CancellationToken,
+) -> bool {
+    record(
+        ctx,
+        batch,
+        Phase::Submitted,
+        Phased {
+            file_id: pb.input_file_id.as_deref(),
+            provider_batch_id: Some(&pb.id),
+            ..Phased::default()
+        },
+        abandon,
+    )
+    .await
 }
 
 /// Resolves an ambiguous create: delete the input file (so a create still in
@@ -393,6 +453,71 @@ fn matches_custom_ids(
     Ok(seen.iter().all(|s| *s))
 }
 
+/// What a journal record adds to the batch's plan.
+#[derive(Default)]
+struct Phased<'a> {
+    file_id: Option<&'a str>,
+    provider_batch_id: Option<&'a str>,
+    /// With `done`: the offsets that got a terminal result.
+    terminal: Option<OffsetSet>,
+}
+
+/// Writes and confirms a phase of `batch` in the journal before the step it
+/// allows, retrying broker errors. `false` when the batch's partition is no
+/// longer this instance's, or work is abandoned: the batch stops here, and
+/// the partition's next owner carries on from the journal.
+async fn record(
+    ctx: &BatchContext,
+    batch: &SealedBatch,
+    phase: Phase,
+    extra: Phased<'_>,
+    abandon: &CancellationToken,
+) -> bool {
+    let r = RouteRecord {
+        provider: batch.route.provider.to_string(),
+        model: batch.route.model.to_string(),
+        endpoint: batch.route.endpoint.to_owned(),
+    };
+    let record = BatchRecord {
+        id: batch.id.clone(),
+        phase,
+        route: r,
+        attempt: batch.attempt,
+        requeues: 0,
+        offsets: batch.offsets.iter().copied().collect(),
+        file_id: extra.file_id.map(str::to_owned),
+        provider_batch_id: extra.provider_batch_id.map(str::to_owned),
+        terminal: extra.terminal,
+        released: Vec::new(),
+    };
+    let mut attempt = 0;
+    loop {
+        match ctx
+            .journal
+            .write_batch(batch.partition, &batch.epoch, record.clone())
+            .await
+        {
+            Ok(()) => return true,
+            Err(StateError::NotOwner(p)) => {
+                tracing::info!(batch = %batch.id, partition = p, phase = phase.as_str(), "partition handed over; leaving the batch to its new owner");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(batch = %batch.id, phase = phase.as_str(), error = %e, "journal write failed; retrying");
+                attempt += 1;
+                let wait = ctx
+                    .retry
+                    .initial_backoff
+                    .saturating_mul(1 << attempt.min(16))
+                    .min(ctx.retry.max_backoff);
+                if !sleep_or_abandon(wait, abandon).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 async fn delete_file(provider: &dyn Provider, file_id: Option<&str>) {
     if let Some(id) = file_id {
         if let Err(e) = provider.delete_file(id).await {
@@ -401,8 +526,17 @@ async fn delete_file(provider: &dyn Provider, file_id: Option<&str>) {
     }
 }
 
-/// One batch, from sealed window to released offsets.
+/// One batch, from sealed window to released offsets. However the batch's
+/// work ends (finished, handed over, abandoned), what it held locally is
+/// released.
 async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: CancellationToken) {
+    drive_batch(&ctx, &batch, &abandon).await;
+    ctx.backlog.release(batch.len() as u64, batch.input_bytes);
+    batch.remove_files();
+}
+
+async fn drive_batch(ctx: &Arc<BatchContext>, batch: &SealedBatch, abandon: &CancellationToken) {
+    let (ctx, batch, abandon) = (ctx.clone(), batch, abandon.clone());
     let Some(slot) = ctx.providers.get(&*batch.route.provider) else {
         // Ingest only routes to enabled providers; this is a bug, not input.
         tracing::error!(batch = %batch.id, provider = %batch.route.provider, "batch for an unconfigured provider");
@@ -421,15 +555,67 @@ async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: Cancella
         pricing: &ctx.pricing,
         spool_dir: &ctx.spool_dir,
     };
+    // Where this batch starts: planned just now, or found in the journal
+    // by a new owner (DESIGN.md "Replay").
+    let mut start = match batch.recovered.as_deref() {
+        None => {
+            if !record(&ctx, batch, Phase::Intent, Phased::default(), &abandon).await {
+                return;
+            }
+            crate::crash_point!("after_intent");
+            Start::Submit
+        }
+        // The create may have been sent: only a lookup can tell.
+        Some(r) if r.phase == Phase::Intent || r.phase == Phase::Uploaded => {
+            Start::Resolve(r.file_id.clone())
+        }
+        Some(r) => match &r.provider_batch_id {
+            Some(id) => Start::Attach(id.clone(), r.file_id.clone()),
+            None => Start::Resolve(r.file_id.clone()),
+        },
+    };
     let (input_file, tracked) = loop {
-        let (pb, adopted) = match submit(&ctx, provider, &batch, &abandon).await {
+        let submission = match std::mem::replace(&mut start, Start::Submit) {
+            Start::Submit => submit(&ctx, provider, batch, &abandon).await,
+            Start::Resolve(file_id) => {
+                ctx.metrics.ambiguous_create(provider.name());
+                tracing::info!(batch = %batch.id, "resolving a create a previous owner may have sent");
+                match resolve_ambiguous(&ctx, provider, batch, file_id.as_deref(), &abandon).await {
+                    Some(Some(pb)) => {
+                        if !record_submitted(&ctx, batch, &pb, &abandon).await {
+                            return;
+                        }
+                        Submission::Created { pb, adopted: true }
+                    }
+                    Some(None) => continue,
+                    None => return,
+                }
+            }
+            Start::Attach(id, input_file_id) => {
+                ctx.claim(&id);
+                let pb = ProviderBatch {
+                    id,
+                    state: BatchState::Validating,
+                    counts: RequestCounts::default(),
+                    input_file_id,
+                    output_file_id: None,
+                    error_file_id: None,
+                    errors: Vec::new(),
+                    tag: None,
+                    created_at: None,
+                    ended_at: None,
+                };
+                Submission::Created { pb, adopted: false }
+            }
+        };
+        let (pb, adopted) = match submission {
             Submission::Abandoned => return,
             Submission::Refused(error) => {
                 tracing::error!(batch = %batch.id, error = %error.message, "provider refused the batch; every request errors");
                 finish(
                     &ctx,
                     &collect_ctx,
-                    &batch,
+                    batch,
                     None,
                     Outcome::All(Status::Errored, error),
                     &abandon,
@@ -477,7 +663,7 @@ async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: Cancella
             finish(
                 &ctx,
                 &collect_ctx,
-                &batch,
+                batch,
                 input_file,
                 Outcome::All(Status::Errored, error),
                 &abandon,
@@ -492,16 +678,18 @@ async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: Cancella
                 .into_iter()
                 .flatten()
                 .collect();
-            finish(
+            let done = finish(
                 &ctx,
                 &collect_ctx,
-                &batch,
+                batch,
                 input_file,
                 Outcome::Collect(&pb),
                 &abandon,
             )
             .await;
-            for f in files {
+            // Result files go only once `done` is durable: a new owner
+            // collects from them otherwise.
+            for f in files.into_iter().filter(|_| done) {
                 delete_file(provider, Some(&f)).await;
             }
         }
@@ -517,7 +705,8 @@ enum Outcome<'a> {
 }
 
 /// Publishes the batch's results (retrying until delivered or abandoned),
-/// then releases its offsets, held load and files.
+/// records `done`, then releases its offsets and deletes its input file.
+/// `false` if it stopped before `done` was durable.
 async fn finish(
     ctx: &BatchContext,
     collect_ctx: &CollectContext<'_>,
@@ -525,7 +714,7 @@ async fn finish(
     input_file: Option<String>,
     outcome: Outcome<'_>,
     abandon: &CancellationToken,
-) {
+) -> bool {
     let mut attempt = 0;
     let collected = loop {
         let published = match &outcome {
@@ -545,11 +734,26 @@ async fn finish(
                     .saturating_mul(1 << attempt.min(16))
                     .min(ctx.retry.max_backoff);
                 if !sleep_or_abandon(wait, abandon).await {
-                    return;
+                    return false;
                 }
             }
         }
     };
+    let terminal: OffsetSet = batch.offsets.iter().copied().collect();
+    if !record(
+        ctx,
+        batch,
+        Phase::Done,
+        Phased {
+            terminal: Some(terminal),
+            ..Phased::default()
+        },
+        abandon,
+    )
+    .await
+    {
+        return false;
+    }
     crate::crash_point!("before_commit");
     {
         let mut offsets = ctx.offsets.lock().expect("offset tracker lock");
@@ -558,11 +762,10 @@ async fn finish(
         }
     }
     ctx.metrics.results_published(&batch.route, &collected);
-    ctx.backlog.release(batch.len() as u64, batch.input_bytes);
-    batch.remove_files();
     if let Some(f) = input_file {
         delete_file(collect_ctx.provider, Some(&f)).await;
     }
+    true
 }
 
 #[cfg(test)]

@@ -1,0 +1,313 @@
+//! The journal's Kafka side (DESIGN.md "Durability"): writing confirmed
+//! records to the compacted state topic, one partition per input
+//! partition, and reading a state partition back on assignment.
+//!
+//! [`Journal`] is the writer every batch task shares. It knows which input
+//! partitions this instance owns and under which epoch; a write for a
+//! partition it no longer owns is refused, so a batch whose partition was
+//! revoked stops before its next step. Records of finished batches are
+//! tombstoned once a confirmed commit has passed all their offsets.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::journal::{BatchRecord, Body, Phase, Record, Replay};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("creating a state topic client: {0}")]
+    Client(KafkaError),
+    #[error("partition {0} is not owned by this instance any more")]
+    NotOwner(i32),
+    #[error("writing to the state topic: {0}")]
+    Write(KafkaError),
+    #[error("reading state partition {partition}: {message}")]
+    Read { partition: i32, message: String },
+}
+
+/// Keys written for one batch, to tombstone once it is committed past.
+struct Written {
+    keys: Vec<String>,
+    max_offset: i64,
+    done: bool,
+}
+
+struct Owned {
+    epoch: String,
+    batches: HashMap<String, Written>,
+}
+
+/// Writes journal records for the partitions this instance owns.
+pub struct Journal {
+    producer: FutureProducer,
+    topic: String,
+    owned: Mutex<HashMap<i32, Owned>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Journal {
+    pub fn new(cfg: &Config) -> Result<Journal, StateError> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &cfg.kafka.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", "30000");
+        for (k, v) in &cfg.kafka.producer {
+            client.set(k, v);
+        }
+        Ok(Journal {
+            producer: client.create().map_err(StateError::Client)?,
+            topic: cfg.topics.state.clone(),
+            owned: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The state topic's name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Takes partition `p` under a fresh epoch: the claim record is
+    /// confirmed before anything else is written for `p`. Returns the epoch.
+    pub async fn claim(&self, p: i32) -> Result<String, StateError> {
+        let epoch = uuid::Uuid::new_v4().to_string();
+        let record = Record {
+            epoch: epoch.clone(),
+            time_ms: now_ms(),
+            body: Body::Claim,
+        };
+        self.send(p, &record.key(p), Some(&record)).await?;
+        self.owned.lock().expect("journal lock").insert(
+            p,
+            Owned {
+                epoch: epoch.clone(),
+                batches: HashMap::new(),
+            },
+        );
+        Ok(epoch)
+    }
+
+    /// Gives `p` up: every later write for it is refused.
+    pub fn release(&self, p: i32) {
+        self.owned.lock().expect("journal lock").remove(&p);
+    }
+
+    /// Whether `epoch` is still this instance's epoch for `p`.
+    pub fn owns(&self, p: i32, epoch: &str) -> bool {
+        self.owned
+            .lock()
+            .expect("journal lock")
+            .get(&p)
+            .is_some_and(|o| o.epoch == epoch)
+    }
+
+    /// Writes and confirms a phase of a batch of partition `p`, if `epoch`
+    /// still owns `p`.
+    pub async fn write_batch(
+        &self,
+        p: i32,
+        epoch: &str,
+        batch: BatchRecord,
+    ) -> Result<(), StateError> {
+        if !self.owns(p, epoch) {
+            return Err(StateError::NotOwner(p));
+        }
+        let (id, phase) = (batch.id.clone(), batch.phase);
+        let max_offset = batch.offsets.max().unwrap_or(-1);
+        let record = Record {
+            epoch: epoch.to_owned(),
+            time_ms: now_ms(),
+            body: Body::Batch(Box::new(batch)),
+        };
+        let key = record.key(p);
+        self.send(p, &key, Some(&record)).await?;
+        let mut owned = self.owned.lock().expect("journal lock");
+        let Some(o) = owned.get_mut(&p).filter(|o| o.epoch == epoch) else {
+            return Err(StateError::NotOwner(p));
+        };
+        let written = o.batches.entry(id).or_insert(Written {
+            keys: Vec::new(),
+            max_offset,
+            done: false,
+        });
+        written.keys.push(key);
+        written.done |= phase == Phase::Done;
+        Ok(())
+    }
+
+    /// After a confirmed commit of `committed` on `p`: writes it as a mark,
+    /// then tombstones every key of each finished batch wholly below it
+    /// (`done` last). Returns how many batches were cleaned up.
+    pub async fn committed(&self, p: i32, committed: i64) -> Result<usize, StateError> {
+        let (epoch, finished) = {
+            let owned = self.owned.lock().expect("journal lock");
+            let Some(o) = owned.get(&p) else {
+                return Err(StateError::NotOwner(p));
+            };
+            let finished: Vec<String> = o
+                .batches
+                .iter()
+                .filter(|(_, w)| w.done && w.max_offset < committed)
+                .map(|(id, _)| id.clone())
+                .collect();
+            (o.epoch.clone(), finished)
+        };
+        if finished.is_empty() {
+            return Ok(0);
+        }
+        let mark = Record {
+            epoch: epoch.clone(),
+            time_ms: now_ms(),
+            body: Body::Mark { offset: committed },
+        };
+        self.send(p, &mark.key(p), Some(&mark)).await?;
+        for id in &finished {
+            let keys = {
+                let owned = self.owned.lock().expect("journal lock");
+                match owned.get(&p).filter(|o| o.epoch == epoch) {
+                    Some(o) => o.batches.get(id).map(|w| w.keys.clone()),
+                    None => return Err(StateError::NotOwner(p)),
+                }
+            };
+            // Keys were pushed in phase order: `done` goes last.
+            for key in keys.unwrap_or_default() {
+                self.send(p, &key, None).await?;
+            }
+            if let Some(o) = self.owned.lock().expect("journal lock").get_mut(&p) {
+                o.batches.remove(id);
+            }
+        }
+        Ok(finished.len())
+    }
+
+    /// Records keys of a replayed batch this owner must tombstone too once
+    /// it is finished (written by an earlier owner).
+    pub fn adopt_keys(&self, p: i32, batch: &str, keys: Vec<String>, max_offset: i64, done: bool) {
+        if let Some(o) = self.owned.lock().expect("journal lock").get_mut(&p) {
+            let w = o.batches.entry(batch.to_owned()).or_insert(Written {
+                keys: Vec::new(),
+                max_offset,
+                done,
+            });
+            let mut all = keys;
+            all.append(&mut w.keys);
+            w.keys = all;
+            w.done |= done;
+        }
+    }
+
+    async fn send(&self, p: i32, key: &str, record: Option<&Record>) -> Result<(), StateError> {
+        let payload = record.map(|r| serde_json::to_vec(r).expect("records serialise"));
+        let mut out: FutureRecord<'_, str, Vec<u8>> =
+            FutureRecord::to(&self.topic).partition(p).key(key);
+        if let Some(payload) = &payload {
+            out = out.payload(payload);
+        }
+        self.producer
+            .send(out, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| StateError::Write(e))
+    }
+
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(timeout);
+    }
+}
+
+/// A state partition read back up to the reader's own claim.
+pub struct ReadBack {
+    pub replay: Replay,
+    /// Every live key seen, by batch id, in log order.
+    pub keys: HashMap<String, Vec<String>>,
+}
+
+/// Reads state partition `p` from the start up to the claim of `epoch`
+/// (which must already be written), with a consumer outside the group, and
+/// folds it. Blocking.
+pub fn read_back(
+    cfg: &Config,
+    p: i32,
+    epoch: &str,
+    timeout: Duration,
+) -> Result<ReadBack, StateError> {
+    let read_err = |message: String| StateError::Read {
+        partition: p,
+        message,
+    };
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("group.id", format!("{}.state-reader", cfg.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest");
+    for (k, v) in &cfg.kafka.consumer {
+        client.set(k, v);
+    }
+    let consumer: BaseConsumer = client.create().map_err(StateError::Client)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&cfg.topics.state, p, Offset::Beginning)
+        .map_err(|e| read_err(e.to_string()))?;
+    consumer.assign(&tpl).map_err(|e| read_err(e.to_string()))?;
+    let claim_key = format!("{p}/claim/{epoch}");
+    let mut records: Vec<Option<Record>> = Vec::new();
+    let mut keys: HashMap<String, Vec<String>> = HashMap::new();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if Instant::now() >= deadline {
+            return Err(read_err(format!(
+                "own claim not seen within {timeout:?} ({} records read)",
+                records.len()
+            )));
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.map_err(|e| read_err(e.to_string()))?;
+        let key = m
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default();
+        if key == claim_key {
+            break;
+        }
+        let record = match m.payload() {
+            None => None,
+            Some(bytes) => match serde_json::from_slice::<Record>(bytes) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(partition = p, offset = m.offset(), key, error = %e, "unreadable state record skipped");
+                    continue;
+                }
+            },
+        };
+        if let Some(batch) = key.split('/').next().filter(|b| b.starts_with("bl-")) {
+            let list = keys.entry(batch.to_owned()).or_default();
+            if record.is_some() {
+                list.push(key.clone());
+            } else {
+                list.retain(|k| *k != key);
+            }
+        }
+        records.push(record);
+    }
+    let replay = Replay::fold(records.iter().map(Option::as_ref));
+    Ok(ReadBack { replay, keys })
+}
