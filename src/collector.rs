@@ -433,6 +433,10 @@ impl<'a> Collection<'a> {
         self.deliveries
             .push(meta.custom_id.clone(), payload)
             .await?;
+        let published: u64 = self.collected.by_status.values().sum();
+        if published == (self.batch.len() as u64).div_ceil(2) {
+            crate::crash_point!("mid_publish");
+        }
         Ok(())
     }
 

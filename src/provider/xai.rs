@@ -208,7 +208,14 @@ impl BatchObject {
             errors,
             tag: self.name,
             created_at: self.create_time.as_deref().and_then(parse_time),
-            ended_at: state.is_terminal().then_some(now),
+            // xAI reports no end time; a cancel's time is the only one.
+            // Never the clock: a result published again after a crash must
+            // be identical.
+            ended_at: self
+                .cancel_time
+                .as_deref()
+                .and_then(parse_time)
+                .filter(|_| state.is_terminal()),
         }
     }
 }

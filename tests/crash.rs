@@ -1,0 +1,268 @@
+//! Crash tests: batchline runs as a real process, aborts at a failpoint, and
+//! is started again on the same group, topics and simulator. Every request
+//! must get a terminal result, none may be billed twice, and a result may be
+//! repeated only identically (DESIGN.md "Durability").
+//!
+//! Needs the `failpoints` feature (the README's test command enables it).
+#![cfg(feature = "failpoints")]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// batchline as a child process on a config file written for it.
+struct Process {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+fn write_config(dir: &Path, topics: &Topics, sim: &Sim, provider: &str) -> std::path::PathBuf {
+    let spool = dir.join("spool");
+    let base = |prefix: &str| format!("http://{}/{prefix}/v1", sim.addr);
+    let toml = format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+[kafka.consumer]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+"topic.metadata.refresh.interval.ms" = "1000"
+
+[topics]
+requests = "{requests}"
+results = "{results}"
+dlq = "{dlq}"
+state = "{state}"
+
+[window]
+max_wait = "300ms"
+max_requests = 100
+
+[routing]
+default_provider = "{provider}"
+
+[providers.openai]
+base_url = "{openai}"
+poll_interval = "100ms"
+[providers.anthropic]
+base_url = "{anthropic}"
+poll_interval = "100ms"
+[providers.xai]
+base_url = "{xai}"
+poll_interval = "100ms"
+
+[batch]
+lookup_grace = "300ms"
+create_deadline = "10s"
+
+[retry]
+initial_backoff = "50ms"
+max_backoff = "500ms"
+
+[spool]
+dir = "{spool}"
+
+[http]
+listen = "127.0.0.1:0"
+
+[shutdown]
+timeout = "20s"
+"#,
+        brokers = brokers(),
+        group = topics.group,
+        requests = topics.requests,
+        results = topics.results,
+        dlq = topics.dlq,
+        state = topics.state,
+        openai = base("openai"),
+        anthropic = base("anthropic"),
+        xai = base("xai"),
+        spool = spool.display(),
+    );
+    let path = dir.join("batchline.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+impl Process {
+    fn start(config: &Path, failpoint: Option<&str>, log: std::path::PathBuf) -> Process {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_batchline"));
+        cmd.arg("--config")
+            .arg(config)
+            .arg("run")
+            .env("OPENAI_API_KEY", "sk-test")
+            .env("ANTHROPIC_API_KEY", "sk-ant-test")
+            .env("XAI_API_KEY", "xai-test")
+            .env("RUST_LOG", "info")
+            .env_remove("FAILPOINTS")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(fp) = failpoint {
+            cmd.env("FAILPOINTS", format!("{fp}=return"));
+        }
+        Process {
+            child: cmd.spawn().expect("starting batchline"),
+            log,
+        }
+    }
+
+    /// Waits for the process to die at its failpoint.
+    fn wait_for_abort(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    !status.success(),
+                    "batchline exited cleanly instead of aborting"
+                );
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "batchline did not reach its failpoint within {timeout:?}; log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "batchline exited with {status} after SIGTERM; log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+                return;
+            }
+            assert!(Instant::now() < deadline, "batchline ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `n` requests for `provider` through a batchline that aborts at
+/// `failpoint`, then through a fresh one, and checks the promise.
+async fn crash_and_recover(provider: &str, model: &str, failpoint: &str) {
+    let n = 300;
+    let sim = Sim::start(SimConfig {
+        error_rate: 0.05,
+        seed: 9,
+        ..SimConfig::default()
+    })
+    .await;
+    let topics = Topics::create(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &topics, &sim, provider);
+    let records: Vec<Produce> = (0..n)
+        .map(|i| {
+            let id = format!("{failpoint}-{provider}-{i:04}");
+            Produce::json(
+                &id,
+                &chat_request(&id, provider, model, &format!("crash item {i}")),
+            )
+        })
+        .collect();
+    let expected: HashSet<String> = records
+        .iter()
+        .map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap())
+        .collect();
+    produce(&topics.requests, &records).await;
+
+    let mut first = Process::start(&config, Some(failpoint), dir.path().join("first.log"));
+    tokio::task::block_in_place(|| first.wait_for_abort(Duration::from_secs(90)));
+    let log = std::fs::read_to_string(dir.path().join("first.log")).unwrap();
+    assert!(
+        log.contains("failpoint reached; aborting") && log.contains(failpoint),
+        "the first run stopped at {failpoint}:\n{log}"
+    );
+
+    let second = Process::start(&config, None, dir.path().join("second.log"));
+    wait_for_keys(&topics.results, &expected, RESULT_TIMEOUT);
+    tokio::task::block_in_place(|| second.stop());
+
+    // Every custom_id has a result; repeats are identical.
+    let mut results: HashMap<String, serde_json::Value> = HashMap::new();
+    let mut repeats = 0;
+    for r in read_all(&topics.results).await {
+        let v = r.json();
+        if let Some(earlier) = results.insert(r.key_str().to_owned(), v.clone()) {
+            repeats += 1;
+            assert_eq!(earlier, v, "a repeated result is identical");
+        }
+    }
+    assert_eq!(
+        results.keys().cloned().collect::<HashSet<_>>(),
+        expected,
+        "every request has a result"
+    );
+    // Repeats are possible for any failpoint: another batch may have been
+    // publishing when the process died; they were checked identical above.
+    eprintln!(
+        "{failpoint}/{provider}: {} results, {repeats} repeated",
+        results.len()
+    );
+    let stats = sim.stats().await;
+    for (id, r) in &results {
+        let billed = stats["custom_ids"][id]["billed"].as_u64().unwrap_or(0);
+        assert!(billed <= 1, "{id} billed {billed} times");
+        match r["status"].as_str().unwrap() {
+            "succeeded" => assert_eq!(billed, 1, "{r}"),
+            "errored" => assert_eq!(billed, 0, "{r}"),
+            other => panic!("unexpected status {other}: {r}"),
+        }
+        assert_eq!(r["provider"], provider);
+        assert_eq!(r["metadata"]["id"], id.as_str(), "metadata comes back: {r}");
+    }
+}
+
+macro_rules! crash_tests {
+    ($($name:ident: $provider:literal, $model:literal, $failpoint:literal;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $name() {
+            crash_and_recover($provider, $model, $failpoint).await;
+        }
+    )*};
+}
+
+crash_tests! {
+    openai_after_intent: "openai", "gpt-4o-mini", "after_intent";
+    openai_after_upload: "openai", "gpt-4o-mini", "after_upload";
+    openai_after_create: "openai", "gpt-4o-mini", "after_create";
+    openai_while_polling: "openai", "gpt-4o-mini", "while_polling";
+    openai_mid_publish: "openai", "gpt-4o-mini", "mid_publish";
+    openai_before_commit: "openai", "gpt-4o-mini", "before_commit";
+    xai_after_intent: "xai", "grok-4.3", "after_intent";
+    xai_after_upload: "xai", "grok-4.3", "after_upload";
+    xai_after_create: "xai", "grok-4.3", "after_create";
+    xai_while_polling: "xai", "grok-4.3", "while_polling";
+    xai_mid_publish: "xai", "grok-4.3", "mid_publish";
+    xai_before_commit: "xai", "grok-4.3", "before_commit";
+    anthropic_after_intent: "anthropic", "claude-haiku-4-5", "after_intent";
+    anthropic_after_create: "anthropic", "claude-haiku-4-5", "after_create";
+    anthropic_while_polling: "anthropic", "claude-haiku-4-5", "while_polling";
+    anthropic_mid_publish: "anthropic", "claude-haiku-4-5", "mid_publish";
+    anthropic_before_commit: "anthropic", "claude-haiku-4-5", "before_commit";
+}
