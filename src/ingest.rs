@@ -187,6 +187,7 @@ enum RebalanceEvent {
 /// offsets of partitions before they are revoked, log commit failures.
 pub struct IngestContext {
     topic: String,
+    journal: Arc<Journal>,
     offsets: Arc<Mutex<OffsetTracker>>,
     events: Mutex<Vec<RebalanceEvent>>,
 }
@@ -220,6 +221,11 @@ impl ConsumerContext for IngestContext {
                         tracing::warn!(error = %e, "commit on revocation failed");
                     }
                 }
+            }
+            // From here on no journal record, and so no create, is made for
+            // these partitions by this instance: their next owner carries on.
+            for &p in &revoked {
+                self.journal.release(p);
             }
             tracing::info!(partitions = ?revoked, "partitions revoked");
             self.events
@@ -385,6 +391,8 @@ pub struct Ingest {
     generation: u64,
     parts: HashMap<i32, Part>,
     last_mark: Instant,
+    /// Set for the last commit at shutdown.
+    closing: bool,
     topic: String,
     topic_arc: Arc<str>,
     packer: Packer,
@@ -423,6 +431,7 @@ impl Ingest {
         }
         let context = IngestContext {
             topic: cfg.topics.requests.clone(),
+            journal: journal.clone(),
             offsets: offsets.clone(),
             events: Mutex::new(Vec::new()),
         };
@@ -440,6 +449,7 @@ impl Ingest {
             generation: 0,
             parts: HashMap::new(),
             last_mark: Instant::now(),
+            closing: false,
             topic: cfg.topics.requests.clone(),
             topic_arc: cfg.topics.requests.as_str().into(),
             packer: Packer::new(&cfg.spool.dir, cfg.topics.requests.as_str())?,
@@ -487,6 +497,7 @@ impl Ingest {
             self.drain_events();
             self.commit(CommitMode::Async);
         }
+        self.closing = true;
         self.commit(CommitMode::Sync);
         self.consumer.unsubscribe();
         result.and(flushed)
@@ -946,9 +957,22 @@ impl Ingest {
     }
 
     fn commit(&mut self, mode: CommitMode) {
+        // Now and then a commit is made synchronously, so that it is known
+        // to be durable: the journal then marks it and tombstones the
+        // batches wholly below it. Such a commit covers every partition,
+        // moved or not, so a batch finished since the last mark is cleaned
+        // up even when the offsets were already committed asynchronously.
+        let confirm = matches!(mode, CommitMode::Sync) || self.last_mark.elapsed() >= MARK_INTERVAL;
         let candidates = {
             let offsets = self.offsets.lock().expect("offset tracker lock");
-            offsets.commit_candidates()
+            if confirm {
+                self.ready()
+                    .into_iter()
+                    .filter_map(|p| offsets.watermark(p).map(|w| (p, w)))
+                    .collect()
+            } else {
+                offsets.commit_candidates()
+            }
         };
         let mut tpl = TopicPartitionList::new();
         let mut committing = Vec::new();
@@ -958,10 +982,6 @@ impl Ingest {
                 committing.push((p, o));
             }
         }
-        // Now and then a commit is made synchronously, so that it is known
-        // to be durable: the journal then marks it and tombstones the
-        // batches wholly below it.
-        let confirm = matches!(mode, CommitMode::Sync) || self.last_mark.elapsed() >= MARK_INTERVAL;
         if tpl.count() == 0 {
             return;
         }
@@ -976,15 +996,22 @@ impl Ingest {
                 }
                 if confirm {
                     self.last_mark = Instant::now();
+                    let last = self.closing;
                     for (p, o) in committing {
                         let journal = self.journal.clone();
-                        self.runtime.spawn(async move {
+                        let mark = async move {
                             match journal.committed(p, o).await {
                                 Ok(0) => {}
                                 Ok(n) => tracing::debug!(partition = p, offset = o, batches = n, "finished batches tombstoned"),
                                 Err(e) => tracing::warn!(partition = p, error = %e, "marking a commit in the journal failed"),
                             }
-                        });
+                        };
+                        if last {
+                            // Shutting down: done before the process exits.
+                            self.runtime.block_on(mark);
+                        } else {
+                            self.runtime.spawn(mark);
+                        }
                     }
                 }
             }

@@ -156,6 +156,25 @@ impl Process {
     }
 }
 
+/// Waits until `log` has `count` lines containing `needle`.
+fn wait_for_log(log: &Path, needle: &str, count: usize) {
+    tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.lines().filter(|l| l.contains(needle)).count() >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never logged {count} × `{needle}`:\n{text}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -203,7 +222,19 @@ async fn crash_and_recover(provider: &str, model: &str, failpoint: &str) {
     wait_for_keys(&topics.results, &expected, RESULT_TIMEOUT);
     tokio::task::block_in_place(|| second.stop());
 
-    // Every custom_id has a result; repeats are identical.
+    check_promise(&topics, &sim, &expected, provider, failpoint).await;
+}
+
+/// Every custom_id has a result, repeats are identical, nothing was billed
+/// twice, and the status agrees with the bill.
+async fn check_promise(
+    topics: &Topics,
+    sim: &Sim,
+    expected: &HashSet<String>,
+    provider: &str,
+    label: &str,
+) {
+    let failpoint = label;
     let mut results: HashMap<String, serde_json::Value> = HashMap::new();
     let mut repeats = 0;
     for r in read_all(&topics.results).await {
@@ -214,16 +245,13 @@ async fn crash_and_recover(provider: &str, model: &str, failpoint: &str) {
         }
     }
     assert_eq!(
-        results.keys().cloned().collect::<HashSet<_>>(),
+        &results.keys().cloned().collect::<HashSet<_>>(),
         expected,
         "every request has a result"
     );
     // Repeats are possible for any failpoint: another batch may have been
     // publishing when the process died; they were checked identical above.
-    eprintln!(
-        "{failpoint}/{provider}: {} results, {repeats} repeated",
-        results.len()
-    );
+    eprintln!("{failpoint}/{provider}: {} results, {repeats} repeated", results.len());
     let stats = sim.stats().await;
     for (id, r) in &results {
         let billed = stats["custom_ids"][id]["billed"].as_u64().unwrap_or(0);
@@ -265,4 +293,72 @@ crash_tests! {
     anthropic_while_polling: "anthropic", "claude-haiku-4-5", "while_polling";
     anthropic_mid_publish: "anthropic", "claude-haiku-4-5", "mid_publish";
     anthropic_before_commit: "anthropic", "claude-haiku-4-5", "before_commit";
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_move_between_instances_with_batches_in_flight() {
+    // Two instances share the group; one is SIGKILLed mid-run and a third
+    // joins. The cooperative rebalances move partitions whose batches are
+    // in flight: their new owners carry on from the journal.
+    let sim = Sim::start(SimConfig {
+        error_rate: 0.02,
+        batch_duration: Duration::from_secs(4),
+        seed: 4,
+        ..SimConfig::default()
+    })
+    .await;
+    let topics = Topics::create(4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        write_config(&d, &topics, &sim, "openai")
+    };
+    let n = 2000;
+    let records: Vec<Produce> = (0..n)
+        .map(|i| {
+            let id = format!("move-{i:05}");
+            Produce::json(&id, &chat_request(&id, "openai", "gpt-4o-mini", &format!("move {i}")))
+        })
+        .collect();
+    let expected: HashSet<String> = records
+        .iter()
+        .map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap())
+        .collect();
+    let a_log = dir.path().join("a.log");
+    let mut a = Process::start(&config("a"), None, a_log.clone());
+    wait_for_log(&a_log, "partition ready", 4);
+    produce(&topics.requests, &records).await;
+    // B joins while A has batches in flight: a clean hand-over.
+    wait_for_log(&a_log, "batch submitted", 4);
+    let b = Process::start(&config("b"), None, dir.path().join("b.log"));
+    wait_for_count(&topics.results, n / 4, RESULT_TIMEOUT);
+    // A dies with batches open; its partitions go to B, then some to C.
+    wait_for_log(&a_log, "batch submitted", 8);
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let c = Process::start(&config("c"), None, dir.path().join("c.log"));
+    wait_for_keys(&topics.results, &expected, RESULT_TIMEOUT);
+    tokio::task::block_in_place(|| {
+        b.stop();
+        c.stop();
+    });
+    check_promise(&topics, &sim, &expected, "openai", "rebalance").await;
+    // The kill did leave batches open, and a new owner took them over.
+    let taken_over = ["b.log", "c.log"]
+        .iter()
+        .map(|l| std::fs::read_to_string(dir.path().join(l)).unwrap())
+        .filter(|log| log.contains("open batch re-read from the input topic"))
+        .count();
+    if taken_over == 0 {
+        for l in ["a.log", "b.log", "c.log"] {
+            let log = std::fs::read_to_string(dir.path().join(l)).unwrap();
+            for line in log.lines().filter(|l| {
+                l.contains("assigned") || l.contains("revoked") || l.contains("replayed") || l.contains("batch submitted")
+            }) {
+                eprintln!("{l}: {line}");
+            }
+        }
+        panic!("no open batch changed hands");
+    }
 }

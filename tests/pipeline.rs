@@ -510,3 +510,67 @@ async fn a_restart_resumes_from_committed_offsets_without_republishing() {
     let stats = sim.stats().await;
     assert_eq!(stats["requests_billed"], 500);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_journal_keeps_only_open_batches_live() {
+    // Every batch writes its phases to the state topic and, once a
+    // confirmed commit passes it, tombstones them: after a clean run only
+    // the owner's claim and mark stay live (DESIGN.md "Offsets, marks,
+    // tombstones").
+    let sim = Sim::start(SimConfig::default()).await;
+    let topics = Topics::create(2).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
+    cfg.window.max_requests = Some(50);
+    let records: Vec<Produce> = (0..400)
+        .map(|i| {
+            let id = format!("journal-{i:04}");
+            Produce::json(&id, &chat_request(&id, "openai", "gpt-4o-mini", "hi"))
+        })
+        .collect();
+    let expected: HashSet<String> = records
+        .iter()
+        .map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap())
+        .collect();
+    let batchline = Batchline::start(cfg);
+    produce(&topics.requests, &records).await;
+    wait_for_keys(&topics.results, &expected, RESULT_TIMEOUT);
+    batchline.stop().await;
+
+    let mut latest: BTreeMap<String, Option<serde_json::Value>> = BTreeMap::new();
+    for r in read_all(&topics.state).await {
+        let value = r
+            .value
+            .as_deref()
+            .map(|v| serde_json::from_slice(v).expect("journal records are JSON"));
+        latest.insert(r.key_str().to_owned(), value);
+    }
+    let phases = |phase: &str| {
+        latest
+            .keys()
+            .filter(|k| k.split('/').nth(1) == Some(phase))
+            .count()
+    };
+    // 400 requests in windows of 50: at least 8 batches went through.
+    assert!(phases("intent") >= 8, "{latest:#?}");
+    assert_eq!(phases("intent"), phases("uploaded"));
+    assert_eq!(phases("intent"), phases("submitted"));
+    assert_eq!(phases("intent"), phases("done"));
+    let live: Vec<&String> = latest
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        live.iter()
+            .all(|k| k.contains("/claim/") || k.contains("/mark/")),
+        "only claims and marks stay live: {live:#?}"
+    );
+    assert!(live.iter().any(|k| k.contains("/mark/")), "{live:#?}");
+    let done = latest
+        .iter()
+        .find(|(k, _)| k.contains("/done/"))
+        .map(|(k, _)| k)
+        .unwrap();
+    assert!(latest[done].is_none(), "{done} is tombstoned");
+}

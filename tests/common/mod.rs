@@ -306,6 +306,25 @@ pub fn wait_for_keys(topic: &str, expected: &HashSet<String>, timeout: Duration)
     })
 }
 
+/// Reads `topic` from the start until `n` distinct keys have appeared.
+pub fn wait_for_count(topic: &str, n: usize, timeout: Duration) {
+    let (consumer, _) = reader(topic);
+    tokio::task::block_in_place(|| {
+        let mut seen = HashSet::new();
+        let deadline = Instant::now() + timeout;
+        while seen.len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} results on {topic} after {timeout:?}",
+                seen.len()
+            );
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                seen.insert(to_record(&m.unwrap()).key_str().to_owned());
+            }
+        }
+    })
+}
+
 /// The group's committed offset per partition.
 pub fn committed(group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
     let consumer: BaseConsumer = ClientConfig::new()
