@@ -1002,8 +1002,15 @@ impl Ingest {
                         let mark = async move {
                             match journal.committed(p, o).await {
                                 Ok(0) => {}
-                                Ok(n) => tracing::debug!(partition = p, offset = o, batches = n, "finished batches tombstoned"),
-                                Err(e) => tracing::warn!(partition = p, error = %e, "marking a commit in the journal failed"),
+                                Ok(n) => tracing::debug!(
+                                    partition = p,
+                                    offset = o,
+                                    batches = n,
+                                    "finished batches tombstoned"
+                                ),
+                                Err(e) => {
+                                    tracing::warn!(partition = p, error = %e, "marking a commit in the journal failed")
+                                }
                             }
                         };
                         if last {

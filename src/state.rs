@@ -18,6 +18,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::journal::{BatchRecord, Body, Phase, Record, Replay};
@@ -43,6 +44,8 @@ struct Written {
 
 struct Owned {
     epoch: String,
+    /// Cancelled when the partition is given up: its batch tasks stop.
+    revoked: CancellationToken,
     batches: HashMap<String, Written>,
 }
 
@@ -97,15 +100,31 @@ impl Journal {
             p,
             Owned {
                 epoch: epoch.clone(),
+                revoked: CancellationToken::new(),
                 batches: HashMap::new(),
             },
         );
         Ok(epoch)
     }
 
-    /// Gives `p` up: every later write for it is refused.
+    /// Gives `p` up: every later write for it is refused and its batch
+    /// tasks are told to stop.
     pub fn release(&self, p: i32) {
-        self.owned.lock().expect("journal lock").remove(&p);
+        if let Some(o) = self.owned.lock().expect("journal lock").remove(&p) {
+            o.revoked.cancel();
+        }
+    }
+
+    /// Fires when `epoch` stops owning `p` (already fired if it does not).
+    pub fn revoked(&self, p: i32, epoch: &str) -> CancellationToken {
+        match self.owned.lock().expect("journal lock").get(&p) {
+            Some(o) if o.epoch == epoch => o.revoked.clone(),
+            _ => {
+                let t = CancellationToken::new();
+                t.cancel();
+                t
+            }
+        }
     }
 
     /// Whether `epoch` is still this instance's epoch for `p`.

@@ -530,7 +530,17 @@ async fn delete_file(provider: &dyn Provider, file_id: Option<&str>) {
 /// work ends (finished, handed over, abandoned), what it held locally is
 /// released.
 async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: CancellationToken) {
-    drive_batch(&ctx, &batch, &abandon).await;
+    // The batch's work stops at shutdown's deadline, and as soon as its
+    // partition is revoked: the next owner carries on from the journal.
+    let local = abandon.child_token();
+    let revoked = ctx.journal.revoked(batch.partition, &batch.epoch);
+    let stop = local.clone();
+    let watcher = tokio::spawn(async move {
+        revoked.cancelled().await;
+        stop.cancel();
+    });
+    drive_batch(&ctx, &batch, &local).await;
+    watcher.abort();
     ctx.backlog.release(batch.len() as u64, batch.input_bytes);
     batch.remove_files();
 }

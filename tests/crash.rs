@@ -251,7 +251,10 @@ async fn check_promise(
     );
     // Repeats are possible for any failpoint: another batch may have been
     // publishing when the process died; they were checked identical above.
-    eprintln!("{failpoint}/{provider}: {} results, {repeats} repeated", results.len());
+    eprintln!(
+        "{failpoint}/{provider}: {} results, {repeats} repeated",
+        results.len()
+    );
     let stats = sim.stats().await;
     for (id, r) in &results {
         let billed = stats["custom_ids"][id]["billed"].as_u64().unwrap_or(0);
@@ -318,7 +321,10 @@ async fn partitions_move_between_instances_with_batches_in_flight() {
     let records: Vec<Produce> = (0..n)
         .map(|i| {
             let id = format!("move-{i:05}");
-            Produce::json(&id, &chat_request(&id, "openai", "gpt-4o-mini", &format!("move {i}")))
+            Produce::json(
+                &id,
+                &chat_request(&id, "openai", "gpt-4o-mini", &format!("move {i}")),
+            )
         })
         .collect();
     let expected: HashSet<String> = records
@@ -354,7 +360,10 @@ async fn partitions_move_between_instances_with_batches_in_flight() {
         for l in ["a.log", "b.log", "c.log"] {
             let log = std::fs::read_to_string(dir.path().join(l)).unwrap();
             for line in log.lines().filter(|l| {
-                l.contains("assigned") || l.contains("revoked") || l.contains("replayed") || l.contains("batch submitted")
+                l.contains("assigned")
+                    || l.contains("revoked")
+                    || l.contains("replayed")
+                    || l.contains("batch submitted")
             }) {
                 eprintln!("{l}: {line}");
             }
