@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --quiet
-bin=target/release/batchline
+bin=${CARGO_TARGET_DIR:-target}/release/batchline
 
 brokers=${KAFKA_BROKERS:-}
 if [ -z "$brokers" ]; then

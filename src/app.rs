@@ -26,6 +26,7 @@ use crate::offsets::OffsetTracker;
 use crate::provider;
 use crate::publisher::{PublishError, Publisher, RejectedInput};
 use crate::state::Journal;
+use crate::status::Registry;
 use crate::submitter::{BatchContext, ProviderSlot, Submitter};
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
     let journal = Arc::new(Journal::new(&cfg)?);
     let offsets = Arc::new(Mutex::new(OffsetTracker::new()));
     let backlog = Arc::new(Backlog::default());
+    let status = Registry::new();
 
     let mut providers = HashMap::new();
     for (name, p) in &cfg.providers {
@@ -105,6 +107,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
         metrics: metrics.clone(),
         journal: journal.clone(),
         known_batches: Default::default(),
+        status: status.clone(),
     });
 
     let http_listener = tokio::net::TcpListener::bind(&cfg.http.listen)
@@ -116,7 +119,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(crate::http::serve(
         http_listener,
-        metrics.clone(),
+        crate::http::router(metrics.clone(), status, cfg.http.token.clone()),
         http_stop.clone(),
     ));
 
@@ -147,7 +150,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
             })
             .expect("spawning the ingest thread")
     };
-    tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.topics.requests, listen = %cfg.http.listen, "batchline running");
+    tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.topics.requests, listen = %cfg.http.listen, status_api_auth = cfg.http.token.is_some(), "batchline running");
 
     let submitter = tokio::spawn(Submitter::new(ctx, batch_rx).run(abandon.clone()));
     let rejections = tokio::spawn(publish_rejections(

@@ -344,7 +344,13 @@ pub struct CollectContext<'a> {
     pub publisher: &'a Publisher,
     pub pricing: &'a Pricing,
     pub spool_dir: &'a Path,
+    /// Where the batch's cost so far is shown (the status API).
+    pub status: Option<&'a crate::status::Registration>,
 }
+
+/// How many results pass between two updates of the cost shown in the
+/// status API: often enough to watch, rare enough to cost nothing.
+const COST_SHOWN_EVERY: u64 = 256;
 
 /// The result builder for one batch.
 struct Collection<'a> {
@@ -437,7 +443,16 @@ impl<'a> Collection<'a> {
         if published == (self.batch.len() as u64).div_ceil(2) {
             crate::crash_point!("mid_publish");
         }
+        if published % COST_SHOWN_EVERY == 0 {
+            self.show_cost();
+        }
         Ok(())
+    }
+
+    fn show_cost(&self) {
+        if let Some(status) = self.ctx.status {
+            status.set_cost(self.collected.cost_usd);
+        }
     }
 
     async fn read_file(&mut self, path: &Path) -> Result<(), CollectError> {
@@ -482,6 +497,7 @@ impl<'a> Collection<'a> {
             self.read_file(path).await?;
         }
         self.publish_missing().await?;
+        self.show_cost();
         self.deliveries.finish().await?;
         Ok(self.collected)
     }

@@ -265,7 +265,12 @@ pub struct SpoolConfig {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: String,
+    /// Environment variable holding the status API's bearer token.
     pub token_env: String,
+    /// The resolved token: when set, every `/v1/*` route requires it. Never
+    /// deserialised, never printed.
+    #[serde(skip)]
+    pub token: Option<ApiKey>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -446,6 +451,10 @@ impl Config {
                     .map(|v| ApiKey::new(v.trim()));
             }
         }
+        self.http.token = env
+            .get(&self.http.token_env)
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| ApiKey::new(v.trim()));
         Ok(())
     }
 
@@ -720,6 +729,28 @@ mod tests {
         assert!(!format!("{key:?}").contains("secret"));
         let cfg = Config::load_from(None, env(&[("OPENAI_API_KEY", "sk-secret-value")])).unwrap();
         assert!(!format!("{cfg:?}").contains("sk-secret-value"));
+    }
+
+    #[test]
+    fn the_status_api_token_comes_from_the_named_variable_and_never_prints() {
+        let cfg = Config::load_from(None, env(&[])).unwrap();
+        assert!(cfg.http.token.is_none());
+        let cfg = Config::load_from(None, env(&[("BATCHLINE_HTTP_TOKEN", "  ")])).unwrap();
+        assert!(cfg.http.token.is_none(), "an empty variable means no token");
+        let cfg = Config::load_from(
+            None,
+            env(&[
+                ("BATCHLINE__HTTP__TOKEN_ENV", "OPS_TOKEN"),
+                ("OPS_TOKEN", "tok-secret-value"),
+                ("BATCHLINE_HTTP_TOKEN", "not-this-one"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.http.token.as_ref().unwrap().expose(),
+            "tok-secret-value"
+        );
+        assert!(!format!("{cfg:?}").contains("tok-secret-value"));
     }
 
     #[test]

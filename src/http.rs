@@ -1,40 +1,272 @@
 //! The HTTP side: `/metrics` for Prometheus, `/healthz` (the process is
-//! alive) and `/readyz` (it is serving). Bound to loopback by default.
+//! alive), `/readyz` (it is serving), and the status API over this
+//! instance's in-flight batches: `GET /v1/batches`, `GET /v1/batches/{id}`
+//! and `POST /v1/batches/{id}/cancel`. Bound to loopback by default.
+//!
+//! When a token is configured (`http.token_env`), every `/v1/*` route
+//! requires `Authorization: Bearer <token>`; metrics and health stay open.
+//! The token is never logged and never echoed in a response.
 
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::ApiKey;
 use crate::metrics::Metrics;
+use crate::status::{CancelAccepted, CancelRefused, Registry};
 
-pub fn router(metrics: Metrics) -> Router {
+#[derive(Clone)]
+struct HttpState {
+    metrics: Metrics,
+    batches: Registry,
+    token: Option<Arc<ApiKey>>,
+}
+
+/// Every route; `token`, when set, guards the status API.
+pub fn router(metrics: Metrics, batches: Registry, token: Option<ApiKey>) -> Router {
+    let state = HttpState {
+        metrics,
+        batches,
+        token: token.map(Arc::new),
+    };
+    let status_api = Router::new()
+        .route("/v1/batches", get(list_batches))
+        .route("/v1/batches/{id}", get(get_batch))
+        .route("/v1/batches/{id}/cancel", post(cancel_batch))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
-        .with_state(metrics)
+        .merge(status_api)
+        .with_state(state)
 }
 
-async fn render_metrics(State(metrics): State<Metrics>) -> impl IntoResponse {
+async fn render_metrics(State(state): State<HttpState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        metrics.render(),
+        state.metrics.render(),
     )
 }
 
-/// Serves until `shutdown` fires.
+/// A JSON error body: `{"error": {"type": ..., "message": ...}}`.
+fn api_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({"error": {"type": kind, "message": message.into()}});
+    (status, Json(body)).into_response()
+}
+
+/// Whether `headers` carry the bearer token. Compared in constant time, so
+/// a caller learns nothing from how long a wrong guess took.
+fn bearer_matches(headers: &HeaderMap, token: &ApiKey) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, presented)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
+    let (presented, expected) = (presented.trim().as_bytes(), token.expose().as_bytes());
+    presented.len() == expected.len()
+        && presented
+            .iter()
+            .zip(expected)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+}
+
+async fn require_token(State(state): State<HttpState>, request: Request, next: Next) -> Response {
+    match &state.token {
+        Some(token) if !bearer_matches(request.headers(), token) => {
+            let mut response = api_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the status API needs `Authorization: Bearer <token>` with the token from http.token_env",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+        _ => next.run(request).await,
+    }
+}
+
+async fn list_batches(State(state): State<HttpState>) -> Response {
+    Json(state.batches.list()).into_response()
+}
+
+async fn get_batch(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    match state.batches.get(&id) {
+        Some(view) => Json(view).into_response(),
+        None => refused(CancelRefused::Unknown(id)),
+    }
+}
+
+async fn cancel_batch(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    match state.batches.request_cancel(&id) {
+        Ok(batch) => {
+            tracing::info!(batch = %batch.id, provider = %batch.provider, provider_batch = batch.provider_batch_id.as_deref().unwrap_or_default(), "cancel requested through the status API");
+            (StatusCode::ACCEPTED, Json(CancelAccepted { batch })).into_response()
+        }
+        Err(e) => refused(e),
+    }
+}
+
+fn refused(e: CancelRefused) -> Response {
+    let (status, kind) = match &e {
+        CancelRefused::Unknown(_) => (StatusCode::NOT_FOUND, "not_found"),
+        CancelRefused::NotSubmitted { .. } => (StatusCode::CONFLICT, "not_submitted"),
+        CancelRefused::Ended { .. } => (StatusCode::CONFLICT, "already_ended"),
+    };
+    api_error(status, kind, e.to_string())
+}
+
+/// Serves `app` until `shutdown` fires.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    metrics: Metrics,
+    app: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(metrics))
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::BatchState;
+    use crate::status::tests::{provider_batch, route};
+    use crate::status::BatchPhase;
+
+    /// Serves `router` on a free loopback port; returns its base URL.
+    async fn spawn(router: Router) -> (String, CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, router, stop.clone()));
+        (url, stop)
+    }
+
+    /// Sends `request`; the answer's status and JSON body.
+    async fn call(request: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+        let resp = request.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_status_api_lists_shows_and_cancels_batches() {
+        let batches = Registry::new();
+        let (url, stop) = spawn(router(Metrics::new(), batches.clone(), None)).await;
+        let client = reqwest::Client::new();
+        let get = |path: &str| client.get(format!("{url}{path}"));
+        let cancel = |id: &str| client.post(format!("{url}/v1/batches/{id}/cancel"));
+
+        let (status, body) = call(get("/v1/batches")).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["batches"], serde_json::json!([]));
+        assert_eq!(body["totals"]["batches"], 0);
+
+        let route = route("openai", "gpt-4o-mini");
+        let uploading = batches.register("bl-0-up", &route, 0, 2, 20);
+        uploading.set_phase(BatchPhase::Uploading);
+        let submitted = batches.register("bl-1-sub", &route, 1, 3, 30);
+        submitted.submitted(&provider_batch("batch_9", BatchState::InProgress));
+
+        let (status, body) = call(get("/v1/batches")).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["batches"].as_array().unwrap().len(), 2);
+        assert_eq!(body["totals"]["requests"], 5);
+        assert_eq!(
+            body["totals"]["by_provider"]["openai"]["by_phase"]["uploading"],
+            1
+        );
+
+        let (status, body) = call(get("/v1/batches/bl-1-sub")).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["provider_batch_id"], "batch_9");
+        assert_eq!(body["request_counts"]["completed"], 4);
+
+        let (status, body) = call(get("/v1/batches/bl-0-nope")).await;
+        assert_eq!(status, 404);
+        assert_eq!(body["error"]["type"], "not_found");
+
+        let (status, body) = call(cancel("bl-0-up")).await;
+        assert_eq!(status, 409);
+        assert_eq!(body["error"]["type"], "not_submitted");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("cannot be cancelled yet"),
+            "{body}"
+        );
+        assert!(!uploading.cancel_requested().is_cancelled());
+
+        let (status, body) = call(cancel("bl-0-nope")).await;
+        assert_eq!(status, 404, "{body}");
+
+        let (status, body) = call(cancel("bl-1-sub")).await;
+        assert_eq!(status, 202);
+        assert_eq!(body["batch"]["id"], "bl-1-sub");
+        assert_eq!(body["batch"]["cancel_requested"], true);
+        assert!(submitted.cancel_requested().is_cancelled());
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_configured_token_guards_the_status_api_only() {
+        let batches = Registry::new();
+        let _r = batches.register("bl-0-a", &route("openai", "m"), 0, 1, 1);
+        let token = "tok-1234567890";
+        let (url, stop) = spawn(router(Metrics::new(), batches, Some(ApiKey::new(token)))).await;
+        let client = reqwest::Client::new();
+        for path in ["/v1/batches", "/v1/batches/bl-0-a"] {
+            let resp = client.get(format!("{url}{path}")).send().await.unwrap();
+            assert_eq!(resp.headers()[header::WWW_AUTHENTICATE.as_str()], "Bearer");
+            let (status, body) = (resp.status().as_u16(), resp.text().await.unwrap());
+            assert_eq!(status, 401, "{path}");
+            assert!(body.contains(r#""type":"unauthorized""#), "{body}");
+            assert!(!body.contains(token));
+            for wrong in [
+                "Bearer tok-1234567891",
+                "Bearer tok",
+                "Basic tok-1234567890",
+                token,
+            ] {
+                let (status, _) = call(
+                    client
+                        .get(format!("{url}{path}"))
+                        .header("authorization", wrong),
+                )
+                .await;
+                assert_eq!(status, 401, "{path} with {wrong:?}");
+            }
+            let (status, _) = call(client.get(format!("{url}{path}")).bearer_auth(token)).await;
+            assert_eq!(status, 200, "{path}");
+        }
+        let (status, _) = call(client.post(format!("{url}/v1/batches/bl-0-a/cancel"))).await;
+        assert_eq!(status, 401);
+        for open in ["/metrics", "/healthz", "/readyz"] {
+            let resp = client.get(format!("{url}{open}")).send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), 200, "{open}");
+        }
+        stop.cancel();
+    }
 }

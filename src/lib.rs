@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod cli;
 pub mod collector;
 pub mod config;
 pub mod http;
@@ -21,6 +22,7 @@ pub mod publisher;
 pub mod send;
 pub mod sim;
 pub mod state;
+pub mod status;
 pub mod submitter;
 pub mod tracker;
 

@@ -52,6 +52,21 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         show: usize,
     },
+    /// Show a running instance's in-flight batches (from its status API).
+    Status {
+        /// The status API (default: http://<http.listen>).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Cancel an in-flight batch at its provider; requests that did not run
+    /// get `canceled` results.
+    Cancel {
+        /// The local batch id (`bl-<partition>-<uuid>`, see `batchline status`).
+        id: String,
+        /// The status API (default: http://<http.listen>).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -261,13 +276,28 @@ async fn main() -> anyhow::Result<()> {
                 timeout,
                 show,
             };
-            if let Some(summary) = batchline::send::send_file(&file, &opts).await? {
-                let total: u64 = summary.values().sum();
-                println!("{total} results:");
-                for (status, n) in summary {
-                    println!("  {status:<10} {n}");
-                }
+            if let Some(report) = batchline::send::send_file(&file, &opts).await? {
+                print!("{report}");
             }
+            Ok(())
+        }
+        Command::Status { url } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            init_logging(format(cfg.log.format));
+            let url = url.unwrap_or_else(|| batchline::cli::default_url(&cfg.http.listen));
+            let api = batchline::cli::StatusApi::new(&url, cfg.http.token.clone())?;
+            print!("{}", batchline::cli::format_status(&api.batches().await?));
+            Ok(())
+        }
+        Command::Cancel { id, url } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            init_logging(format(cfg.log.format));
+            let url = url.unwrap_or_else(|| batchline::cli::default_url(&cfg.http.listen));
+            let api = batchline::cli::StatusApi::new(&url, cfg.http.token.clone())?;
+            print!(
+                "{}",
+                batchline::cli::format_cancelled(&api.cancel(&id).await?)
+            );
             Ok(())
         }
     }

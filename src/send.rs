@@ -1,12 +1,15 @@
 //! `batchline send`: produce requests from a JSONL file to the input topic,
 //! keyed by their `custom_id`, and optionally follow the results topic until
-//! every one of them has a result.
+//! every one of them has a result, with a progress bar on stderr when it is
+//! a terminal.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::BufRead;
+use std::fmt;
+use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -44,8 +47,76 @@ pub struct SendOptions<'a> {
 /// Counts of results by status.
 pub type Summary = BTreeMap<String, u64>;
 
-/// Sends every line of `file`; returns the result counts when waiting.
-pub async fn send_file(file: &Path, opts: &SendOptions<'_>) -> Result<Option<Summary>, SendError> {
+/// What `send --wait` saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitReport {
+    /// Messages produced.
+    pub sent: u64,
+    pub by_status: Summary,
+    /// From the first message sent to the last result.
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for WaitReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total: u64 = self.by_status.values().sum();
+        writeln!(
+            f,
+            "{total} results for {} messages sent, in {}:",
+            self.sent,
+            format_elapsed(self.elapsed)
+        )?;
+        for (status, n) in &self.by_status {
+            writeln!(f, "  {status:<10} {n:>8}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `4m05.2s`, `12.3s`.
+fn format_elapsed(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else {
+        format!("{}m{:04.1}s", (secs / 60.0) as u64, secs % 60.0)
+    }
+}
+
+/// `succeeded 120 · errored 3`, for the progress bar's message.
+fn status_counts(summary: &Summary) -> String {
+    summary
+        .iter()
+        .map(|(status, n)| format!("{status} {n}"))
+        .collect::<Vec<_>>()
+        .join(" · ")
+}
+
+/// The bar that follows results while waiting: drawn on stderr when it is a
+/// terminal, hidden otherwise (then the periodic lines say the same).
+fn results_bar(total: u64) -> ProgressBar {
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(Some(total), target);
+    let style = ProgressStyle::with_template(
+        "{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} results, ETA {eta} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
+}
+
+/// Sends every line of `file`; returns what came back when waiting.
+pub async fn send_file(
+    file: &Path,
+    opts: &SendOptions<'_>,
+) -> Result<Option<WaitReport>, SendError> {
+    let begun = Instant::now();
     let read_err = |source| SendError::Read {
         path: file.display().to_string(),
         source,
@@ -140,7 +211,8 @@ pub async fn send_file(file: &Path, opts: &SendOptions<'_>) -> Result<Option<Sum
     let mut last_report = Instant::now();
     let mut shown = 0;
     let mut reported = usize::MAX;
-    tokio::task::block_in_place(|| {
+    let bar = results_bar(total as u64);
+    let waited = tokio::task::block_in_place(|| {
         while !ids.is_empty() {
             if started.elapsed() > opts.timeout {
                 return Err(SendError::Timeout {
@@ -149,8 +221,15 @@ pub async fn send_file(file: &Path, opts: &SendOptions<'_>) -> Result<Option<Sum
                     total,
                 });
             }
-            if last_report.elapsed() > Duration::from_secs(2) && reported != ids.len() {
-                eprintln!("{} of {total} results: {summary:?}", total - ids.len());
+            if bar.is_hidden()
+                && last_report.elapsed() > Duration::from_secs(2)
+                && reported != ids.len()
+            {
+                eprintln!(
+                    "{} of {total} results: {}",
+                    total - ids.len(),
+                    status_counts(&summary)
+                );
                 last_report = Instant::now();
                 reported = ids.len();
             }
@@ -167,7 +246,8 @@ pub async fn send_file(file: &Path, opts: &SendOptions<'_>) -> Result<Option<Sum
                     .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok());
                 if shown < opts.show {
                     if let Some(v) = &value {
-                        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+                        let pretty = serde_json::to_string_pretty(v).unwrap_or_default();
+                        bar.suspend(|| println!("{pretty}"));
                         shown += 1;
                     }
                 }
@@ -176,11 +256,19 @@ pub async fn send_file(file: &Path, opts: &SendOptions<'_>) -> Result<Option<Sum
                     .and_then(|v| v["status"].as_str().map(str::to_owned))
                     .unwrap_or_else(|| "unknown".into());
                 *summary.entry(status).or_default() += 1;
+                bar.inc(1);
+                bar.set_message(status_counts(&summary));
             }
         }
         Ok(())
-    })?;
-    Ok(Some(summary))
+    });
+    bar.finish_and_clear();
+    waited?;
+    Ok(Some(WaitReport {
+        sent,
+        by_status: summary,
+        elapsed: begun.elapsed(),
+    }))
 }
 
 async fn drain<F>(pending: &mut futures::stream::FuturesUnordered<F>) -> Result<(), SendError>
@@ -215,4 +303,30 @@ fn high_watermarks(brokers: &str, topic: &str) -> Result<Option<Vec<(i32, i64)>>
         }
     }
     Ok((!out.is_empty()).then_some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wait_report_counts_by_status_with_the_time_taken() {
+        let report = WaitReport {
+            sent: 23,
+            by_status: Summary::from([("succeeded".into(), 18), ("rejected".into(), 3)]),
+            elapsed: Duration::from_millis(83_250),
+        };
+        assert_eq!(
+            report.to_string(),
+            "21 results for 23 messages sent, in 1m23.2s:\n  rejected          3\n  succeeded        18\n"
+        );
+        assert_eq!(format_elapsed(Duration::from_millis(4_560)), "4.6s");
+    }
+
+    #[test]
+    fn the_bar_message_lists_counts_by_status() {
+        let summary = Summary::from([("errored".into(), 2), ("succeeded".into(), 40)]);
+        assert_eq!(status_counts(&summary), "errored 2 · succeeded 40");
+        assert_eq!(status_counts(&Summary::new()), "");
+    }
 }

@@ -28,6 +28,7 @@ use crate::provider::{
 };
 use crate::publisher::Publisher;
 use crate::state::StateError;
+use crate::status::{BatchPhase, Registration, Registry};
 use crate::tracker::{self, TrackOptions, Tracked};
 
 /// A configured, enabled provider and its admission cap.
@@ -52,6 +53,8 @@ pub struct BatchContext {
     /// Provider batch ids this instance created or adopted: never a
     /// candidate for another batch's ambiguous create.
     pub known_batches: Mutex<HashSet<String>>,
+    /// The in-flight batches the status API shows.
+    pub status: Registry,
 }
 
 impl BatchContext {
@@ -395,7 +398,7 @@ async fn verify_candidate(
         not_found_grace: ctx.batch.lookup_grace,
         max_backoff: ctx.retry.max_backoff,
     };
-    let pb = match tracker::track(provider, candidate, &opts, abandon).await {
+    let pb = match tracker::track(provider, candidate, &opts, abandon, None).await {
         Tracked::Ended(pb) => *pb,
         Tracked::NotFound => return Verified::NotOurs,
         Tracked::Abandoned => return Verified::Abandoned,
@@ -530,6 +533,14 @@ async fn delete_file(provider: &dyn Provider, file_id: Option<&str>) {
 /// work ends (finished, handed over, abandoned), what it held locally is
 /// released.
 async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: CancellationToken) {
+    // Listed in the status API until this task ends, however it ends.
+    let status = ctx.status.register(
+        &batch.id,
+        &batch.route,
+        batch.partition,
+        batch.len(),
+        batch.input_bytes,
+    );
     // The batch's work stops at shutdown's deadline, and as soon as its
     // partition is revoked: the next owner carries on from the journal.
     let local = abandon.child_token();
@@ -539,13 +550,18 @@ async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: Cancella
         revoked.cancelled().await;
         stop.cancel();
     });
-    drive_batch(&ctx, &batch, &local).await;
+    drive_batch(&ctx, &batch, &local, &status).await;
     watcher.abort();
     ctx.backlog.release(batch.len() as u64, batch.input_bytes);
     batch.remove_files();
 }
 
-async fn drive_batch(ctx: &Arc<BatchContext>, batch: &SealedBatch, abandon: &CancellationToken) {
+async fn drive_batch(
+    ctx: &Arc<BatchContext>,
+    batch: &SealedBatch,
+    abandon: &CancellationToken,
+    status: &Registration,
+) {
     let (ctx, batch, abandon) = (ctx.clone(), batch, abandon.clone());
     let Some(slot) = ctx.providers.get(&*batch.route.provider) else {
         // Ingest only routes to enabled providers; this is a bug, not input.
@@ -564,6 +580,7 @@ async fn drive_batch(ctx: &Arc<BatchContext>, batch: &SealedBatch, abandon: &Can
         publisher: &ctx.publisher,
         pricing: &ctx.pricing,
         spool_dir: &ctx.spool_dir,
+        status: Some(status),
     };
     // Where this batch starts: planned just now, or found in the journal
     // by a new owner (DESIGN.md "Replay").
@@ -586,8 +603,12 @@ async fn drive_batch(ctx: &Arc<BatchContext>, batch: &SealedBatch, abandon: &Can
     };
     let (input_file, tracked) = loop {
         let submission = match std::mem::replace(&mut start, Start::Submit) {
-            Start::Submit => submit(&ctx, provider, batch, &abandon).await,
+            Start::Submit => {
+                status.set_phase(BatchPhase::Uploading);
+                submit(&ctx, provider, batch, &abandon).await
+            }
             Start::Resolve(file_id) => {
+                status.set_phase(BatchPhase::Uploading);
                 ctx.metrics.ambiguous_create(provider.name());
                 tracing::info!(batch = %batch.id, "resolving a create a previous owner may have sent");
                 match resolve_ambiguous(&ctx, provider, batch, file_id.as_deref(), &abandon).await {
@@ -636,6 +657,7 @@ async fn drive_batch(ctx: &Arc<BatchContext>, batch: &SealedBatch, abandon: &Can
             Submission::Created { pb, adopted } => (pb, adopted),
         };
         tracing::info!(batch = %batch.id, provider_batch = %pb.id, requests = batch.len(), bytes = batch.input_bytes, adopted, "batch submitted");
+        status.submitted(&pb);
         ctx.metrics
             .batch_submitted(&batch.route, batch.len(), batch.input_bytes);
         let opts = TrackOptions {
@@ -645,7 +667,7 @@ async fn drive_batch(ctx: &Arc<BatchContext>, batch: &SealedBatch, abandon: &Can
             max_backoff: ctx.retry.max_backoff,
         };
         let input_file = pb.input_file_id.clone();
-        let tracked = tracker::track(provider, pb, &opts, &abandon).await;
+        let tracked = tracker::track(provider, pb, &opts, &abandon, Some(status)).await;
         if let Tracked::Ended(pb) = &tracked {
             // An adopted batch whose input file we deleted to fence the
             // create may fail validation: nothing ran, so submit again.
@@ -725,6 +747,9 @@ async fn finish(
     outcome: Outcome<'_>,
     abandon: &CancellationToken,
 ) -> bool {
+    if let Some(status) = collect_ctx.status {
+        status.set_phase(BatchPhase::Collecting);
+    }
     let mut attempt = 0;
     let collected = loop {
         let published = match &outcome {

@@ -1,12 +1,13 @@
 //! Polls an in-flight provider batch until it ends, enforcing batchline's
-//! own deadline: past `batch.deadline` the batch is cancelled and then
-//! collected like any other.
+//! own deadline: past `batch.deadline`, or when an operator asks through the
+//! status API, the batch is cancelled and then collected like any other.
 
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::provider::{Provider, ProviderBatch};
+use crate::status::Registration;
 
 /// How tracking a batch ended.
 #[derive(Debug)]
@@ -28,22 +29,36 @@ pub struct TrackOptions {
     pub max_backoff: Duration,
 }
 
-/// Polls `pb` until it ends.
+/// Polls `pb` until it ends. With a `status` registration, every answer is
+/// shown in the status API, and a cancel asked there is sent like the
+/// deadline's.
 pub async fn track(
     provider: &dyn Provider,
     mut pb: ProviderBatch,
     opts: &TrackOptions,
     abandon: &CancellationToken,
+    status: Option<&Registration>,
 ) -> Tracked {
+    let never = CancellationToken::new();
+    let cancel_requested = status.map_or(&never, |s| s.cancel_requested());
     let mut cancel_sent = false;
     let mut first_404: Option<Instant> = None;
     let mut wait = opts.poll_interval;
     loop {
+        if let Some(s) = status {
+            s.observe(&pb);
+        }
         if pb.state.is_terminal() {
             return Tracked::Ended(Box::new(pb));
         }
-        if !cancel_sent && Instant::now() >= opts.deadline {
-            tracing::warn!(provider = provider.name(), batch = %pb.id, "batch passed batch.deadline; cancelling");
+        let past_deadline = Instant::now() >= opts.deadline;
+        if !cancel_sent && (past_deadline || cancel_requested.is_cancelled()) {
+            let why = if past_deadline {
+                "batch passed batch.deadline"
+            } else {
+                "cancel requested through the status API"
+            };
+            tracing::warn!(provider = provider.name(), batch = %pb.id, "{why}; cancelling");
             match provider.cancel(&pb.id).await {
                 Ok(b) => {
                     cancel_sent = true;
@@ -57,6 +72,9 @@ pub async fn track(
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            // Wakes once, when the cancel is asked; a failed cancel is
+            // retried at the poll interval.
+            _ = cancel_requested.cancelled(), if !cancel_requested.is_cancelled() => continue,
             _ = abandon.cancelled() => return Tracked::Abandoned,
         }
         crate::crash_point!("while_polling");

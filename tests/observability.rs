@@ -786,3 +786,250 @@ fn prometheus_scrapes_batchline_metrics() {
         run_promtool(&promtool, &["check", "config", path.to_str().unwrap()], "");
     }
 }
+
+/// A status API call's HTTP status and JSON body.
+async fn status_api(
+    request: reqwest::RequestBuilder,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let request = match token {
+        Some(t) => request.bearer_auth(t),
+        None => request,
+    };
+    let resp = request.send().await.expect("calling the status API");
+    let status = resp.status().as_u16();
+    let body = resp.json().await.expect("the status API answers JSON");
+    (status, body)
+}
+
+/// Waits until batchline's HTTP endpoints answer.
+async fn wait_until_serving(base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(resp) = reqwest::get(format!("{base}/healthz")).await {
+            if resp.status().is_success() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{base}/healthz never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_status_api_shows_a_batch_and_cancels_it_at_the_provider() {
+    // Batches run for a minute: the cancel lands long before they would end.
+    let sim = Sim::start(SimConfig {
+        batch_duration: Duration::from_secs(60),
+        ..SimConfig::default()
+    })
+    .await;
+    let topics = Topics::create(1).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
+    // Every request below fits in one window.
+    cfg.window.max_wait = Duration::from_secs(3);
+    let listen = free_listen_addr();
+    cfg.http.listen = listen.clone();
+    let base = format!("http://{listen}");
+    let batchline = Batchline::start(cfg);
+    let client = reqwest::Client::new();
+
+    let n = 40;
+    let ids: Vec<String> = (0..n).map(|i| format!("cancel-{i:03}")).collect();
+    let records: Vec<Produce> = ids
+        .iter()
+        .map(|id| Produce::json(id, &chat_request(id, "openai", "gpt-4o-mini", id)))
+        .collect();
+    produce(&topics.requests, &records).await;
+    wait_until_serving(&base).await;
+
+    // The batch appears, and once the provider batch exists, shows its id.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (batch, list) = loop {
+        let (status, list) = status_api(client.get(format!("{base}/v1/batches")), None).await;
+        assert_eq!(status, 200, "{list}");
+        let submitted = list["batches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["provider_batch_id"].is_string())
+            .cloned();
+        if let Some(batch) = submitted {
+            break (batch, list);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no batch got a provider batch id: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let id = batch["id"].as_str().unwrap().to_owned();
+    let provider_batch = batch["provider_batch_id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("bl-0-"), "{batch}");
+    assert_eq!(batch["provider"], "openai");
+    assert_eq!(batch["model"], "gpt-4o-mini");
+    assert_eq!(batch["endpoint"], "/v1/chat/completions");
+    assert_eq!(batch["partition"], 0);
+    assert_eq!(batch["requests"], n, "one window holds every request");
+    assert!(batch["bytes"].as_u64().unwrap() > 0, "{batch}");
+    assert_eq!(batch["phase"], "submitted");
+    assert!(provider_batch.starts_with("batch_"), "{batch}");
+    let provider_status = batch["provider_status"].as_str().unwrap();
+    assert!(
+        ["validating", "in_progress"].contains(&provider_status),
+        "{batch}"
+    );
+    assert!(batch["request_counts"].is_object(), "{batch}");
+    assert!(batch["age_seconds"].as_f64().unwrap() >= 0.0, "{batch}");
+    assert_eq!(batch["cost_usd"], 0.0, "nothing is collected yet");
+    assert_eq!(batch["cancel_requested"], false);
+    let totals = &list["totals"];
+    assert_eq!(totals["batches"], 1, "{list}");
+    assert_eq!(totals["requests"], n);
+    assert_eq!(totals["by_phase"]["submitted"], 1);
+    assert_eq!(totals["by_provider"]["openai"]["requests"], n);
+
+    let (status, one) = status_api(client.get(format!("{base}/v1/batches/{id}")), None).await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["id"], id.as_str());
+    assert_eq!(one["provider_batch_id"], provider_batch.as_str());
+
+    // `batchline status` reads the same API.
+    let api = batchline::cli::StatusApi::new(&base, None).unwrap();
+    let table = batchline::cli::format_status(&api.batches().await.unwrap());
+    assert!(table.contains(&id), "{table}");
+    assert!(table.contains("1 batch in flight, 40 requests"), "{table}");
+
+    // Unknown ids are 404s with a JSON error, for a read and for a cancel.
+    let unknown = "bl-0-00000000-0000-0000-0000-000000000000";
+    let (status, body) = status_api(client.get(format!("{base}/v1/batches/{unknown}")), None).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["type"], "not_found");
+    let (status, body) = status_api(
+        client.post(format!("{base}/v1/batches/{unknown}/cancel")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    match api.cancel(unknown).await {
+        Err(batchline::cli::StatusApiError::Refused { status: 404, .. }) => {}
+        other => panic!("cancelling an unknown batch: {other:?}"),
+    }
+
+    let (status, body) =
+        status_api(client.post(format!("{base}/v1/batches/{id}/cancel")), None).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["batch"]["id"], id.as_str());
+    assert_eq!(body["batch"]["cancel_requested"], true);
+
+    // Every request gets exactly one result; what had not run is canceled.
+    let expected: std::collections::HashSet<String> = ids.iter().cloned().collect();
+    let results = exactly_once(&wait_for_keys(
+        &topics.results,
+        &expected,
+        Duration::from_secs(60),
+    ));
+    assert_eq!(results.len(), n);
+    let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in results.values() {
+        assert_eq!(r["batch_id"], provider_batch.as_str(), "{r}");
+        let status = r["status"].as_str().unwrap();
+        *by_status.entry(status).or_default() += 1;
+        match status {
+            "canceled" => assert_eq!(r["error"]["type"], "batch_cancelled", "{r}"),
+            "succeeded" => {}
+            other => panic!("a request of a cancelled batch ended {other}: {r}"),
+        }
+    }
+    assert!(
+        by_status.get("canceled").copied().unwrap_or(0) > 0,
+        "the cancel came a minute before the batch would end: {by_status:?}"
+    );
+    // What ran before the cancel was billed once; what was canceled, never.
+    let stats = sim.stats().await;
+    for (id, r) in &results {
+        let billed = stats["custom_ids"][id]["billed"].as_u64().unwrap_or(0);
+        let want = u64::from(r["status"] == "succeeded");
+        assert_eq!(billed, want, "{id} billed {billed} times: {r}");
+    }
+
+    // The batch leaves the registry once its results are out.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, list) = status_api(client.get(format!("{base}/v1/batches")), None).await;
+        if list["batches"].as_array().unwrap().is_empty() {
+            assert_eq!(list["totals"]["batches"], 0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the batch stays listed: {list}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = status_api(client.get(format!("{base}/v1/batches/{id}")), None).await;
+    assert_eq!(status, 404);
+    batchline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_status_api_requires_the_bearer_token_when_one_is_configured() {
+    let sim = Sim::start(SimConfig::default()).await;
+    let topics = Topics::create(1).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
+    let token = "obs-token-4f1c9e";
+    cfg.http.token = Some(batchline::config::ApiKey::new(token));
+    let listen = free_listen_addr();
+    cfg.http.listen = listen.clone();
+    let base = format!("http://{listen}");
+    let batchline = Batchline::start(cfg);
+    wait_until_serving(&base).await;
+    let client = reqwest::Client::new();
+
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/batches"),
+        (reqwest::Method::GET, "/v1/batches/bl-0-x"),
+        (reqwest::Method::POST, "/v1/batches/bl-0-x/cancel"),
+    ] {
+        let url = format!("{base}{path}");
+        for wrong in [None, Some("obs-token-4f1c9f"), Some("")] {
+            let (status, body) = status_api(client.request(method.clone(), &url), wrong).await;
+            assert_eq!(status, 401, "{method} {path} with {wrong:?}: {body}");
+            assert_eq!(body["error"]["type"], "unauthorized");
+            assert!(!body.to_string().contains(token), "{body}");
+        }
+    }
+    let (status, body) = status_api(client.get(format!("{base}/v1/batches")), Some(token)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["batches"].is_array());
+    let (status, body) =
+        status_api(client.get(format!("{base}/v1/batches/bl-0-x")), Some(token)).await;
+    assert_eq!(status, 404, "{body}");
+    // Metrics and health need no token.
+    for open in ["/metrics", "/healthz", "/readyz"] {
+        let resp = client.get(format!("{base}{open}")).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{open}");
+    }
+
+    // The CLI's client sends the token it is given, and its errors never
+    // show one.
+    let anonymous = batchline::cli::StatusApi::new(&base, None).unwrap();
+    let err = anonymous.batches().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            batchline::cli::StatusApiError::Refused { status: 401, .. }
+        ),
+        "{err}"
+    );
+    let wrong = batchline::cli::StatusApi::new(
+        &base,
+        Some(batchline::config::ApiKey::new("obs-token-wrong")),
+    )
+    .unwrap();
+    let err = wrong.batches().await.unwrap_err().to_string();
+    assert!(!err.contains("obs-token"), "{err}");
+    let authorised =
+        batchline::cli::StatusApi::new(&base, Some(batchline::config::ApiKey::new(token))).unwrap();
+    assert!(authorised.batches().await.unwrap().batches.is_empty());
+    batchline.stop().await;
+}

@@ -71,7 +71,7 @@ pub struct BatchError {
     pub line: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RequestCounts {
     pub total: u64,
     pub completed: u64,
