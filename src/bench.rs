@@ -64,10 +64,119 @@ async fn create_topics(brokers: &str, names: &[&str], partitions: i32) -> Result
 }
 
 /// A chat request of about `body_bytes`, as producers send them.
+/// Vocabulary of the benchmark's prompts.
+const WORDS: &[&str] = &[
+    "the",
+    "model",
+    "batch",
+    "request",
+    "summarise",
+    "explain",
+    "customer",
+    "invoice",
+    "order",
+    "shipping",
+    "delay",
+    "refund",
+    "policy",
+    "question",
+    "answer",
+    "context",
+    "document",
+    "paragraph",
+    "translate",
+    "French",
+    "German",
+    "classify",
+    "sentiment",
+    "positive",
+    "negative",
+    "neutral",
+    "extract",
+    "entities",
+    "names",
+    "dates",
+    "amounts",
+    "table",
+    "report",
+    "quarter",
+    "revenue",
+    "growth",
+    "risk",
+    "market",
+    "product",
+    "feature",
+    "release",
+    "notes",
+    "bug",
+    "crash",
+    "memory",
+    "latency",
+    "throughput",
+    "Kafka",
+    "topic",
+    "partition",
+    "offset",
+    "consumer",
+    "producer",
+    "provider",
+    "token",
+    "price",
+    "cost",
+    "please",
+    "briefly",
+    "detail",
+    "example",
+    "list",
+    "steps",
+    "first",
+    "second",
+    "third",
+    "because",
+    "however",
+    "therefore",
+    "although",
+    "while",
+    "after",
+    "before",
+    "during",
+    "2024",
+    "2025",
+    "42",
+    "17",
+    "3.14",
+    "version",
+    "user",
+    "assistant",
+    "system",
+    "prompt",
+    "review",
+    "email",
+    "reply",
+    "meeting",
+    "schedule",
+    "tomorrow",
+    "Monday",
+    "urgent",
+];
+
 pub fn request_message(i: usize, body_bytes: usize) -> (String, String) {
     let id = format!("bench-{i:08}");
-    let filler = "lorem ipsum dolor sit amet ".repeat(body_bytes / 27 + 1);
-    let text = &filler[..body_bytes.saturating_sub(160).max(16)];
+    // Words drawn per message, so that compression sees text about as
+    // compressible as real prompts (3-4x with zstd), not one repeated
+    // string (100x and more, which says nothing about real input).
+    let want = body_bytes.saturating_sub(160).max(16);
+    let mut text = String::with_capacity(want + 16);
+    let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while text.len() < want {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let word = WORDS[(x % WORDS.len() as u64) as usize];
+        text.push_str(word);
+        text.push(if x % 11 == 0 { '.' } else { ' ' });
+    }
+    text.truncate(want);
     let value = serde_json::json!({
         "custom_id": id,
         "provider": "openai",

@@ -425,7 +425,12 @@ impl Ingest {
             .set("enable.partition.eof", "false")
             // Prefetch is per partition: keep memory flat with many partitions.
             .set("queued.max.messages.kbytes", "8192")
-            .set("fetch.max.bytes", "16777216");
+            // Fetch sizes count compressed bytes: one fetch of well
+            // compressed input can be many times larger once decompressed,
+            // and the queue cap above only applies between fetches. Small
+            // fetches keep that peak bounded.
+            .set("fetch.max.bytes", "4194304")
+            .set("max.partition.fetch.bytes", "1048576");
         for (k, v) in &cfg.kafka.consumer {
             client.set(k, v);
         }
