@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::collector::{self, CollectContext, Pricing};
 use crate::config::{BatchConfig, RetryConfig};
@@ -94,7 +95,16 @@ impl Submitter {
                     Some(batch) => {
                         let ctx = self.ctx.clone();
                         let abandon = abandon.clone();
-                        tasks.spawn(async move { run_batch(ctx, batch, abandon).await });
+                        // One span per batch: every line it logs carries its ids.
+                        let span = tracing::info_span!(
+                            "batch",
+                            id = %batch.id,
+                            partition = batch.partition,
+                            provider = %batch.route.provider,
+                            model = %batch.route.model,
+                            provider_batch = tracing::field::Empty,
+                        );
+                        tasks.spawn(run_batch(ctx, batch, abandon).instrument(span));
                     }
                     None => break,
                 },
@@ -658,6 +668,7 @@ async fn drive_batch(
         };
         tracing::info!(batch = %batch.id, provider_batch = %pb.id, requests = batch.len(), bytes = batch.input_bytes, adopted, "batch submitted");
         status.submitted(&pb);
+        tracing::Span::current().record("provider_batch", pb.id.as_str());
         ctx.metrics
             .batch_submitted(&batch.route, batch.len(), batch.input_bytes);
         let opts = TrackOptions {
