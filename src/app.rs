@@ -1,6 +1,8 @@
 //! Wires the stages together and runs them until shutdown: ingest on its
 //! own thread, the submitter and the rejection publisher as tasks, and the
-//! HTTP endpoints.
+//! HTTP endpoints. At start-up it creates missing topics and checks the
+//! input topic's retention and the state topic's partition count; what it
+//! finds is logged and exported, and never stops start-up.
 //!
 //! Shutdown: ingest stops reading, submits due windows and closes its
 //! channels; in-flight batches and deliveries finish, or are abandoned at
@@ -11,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -19,7 +21,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::collector::Pricing;
-use crate::config::Config;
+use crate::config::{BatchConfig, Config, RetryConfig};
+use crate::health::Readiness;
 use crate::ingest::{Backlog, Ingest, IngestError, IngestOutputs};
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
@@ -65,9 +68,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
         path: cfg.spool.dir.display().to_string(),
         source,
     })?;
-    ensure_topics(&cfg).await?;
-
-    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    let metrics = Metrics::with_readiness(readiness.clone());
+    let admin = admin_client(&cfg)
+        .map_err(|e| AppError::Topics(format!("creating the admin client: {e}")))?;
+    let layout = ensure_topics(&cfg, &admin).await?;
+    if let Some(problem) = layout.state_partitions_problem(&cfg.topics.state) {
+        tracing::error!(
+            "{problem}: the input partitions without a state partition stay paused; add partitions to the state topic"
+        );
+        readiness.topic_problem(problem);
+    }
+    check_input_retention(&cfg, &admin, &metrics).await;
     let abandon = CancellationToken::new();
     let publisher = Arc::new(Publisher::new(&cfg, abandon.clone())?);
     let journal = Arc::new(Journal::new(&cfg)?);
@@ -119,7 +131,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(crate::http::serve(
         http_listener,
-        crate::http::router(metrics.clone(), status, cfg.http.token.clone()),
+        crate::http::router(
+            metrics.clone(),
+            readiness.clone(),
+            status,
+            cfg.http.token.clone(),
+        ),
         http_stop.clone(),
     ));
 
@@ -131,6 +148,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
         offsets.clone(),
         backlog.clone(),
         metrics.clone(),
+        readiness.clone(),
     )?;
     let drained = CancellationToken::new();
     let ingest_thread = {
@@ -229,48 +247,87 @@ async fn publish_rejections(
     }
 }
 
-/// Creates the results and dead-letter topics when missing, with the input
-/// topic's partition count (or 1 when the input topic does not exist yet).
-async fn ensure_topics(cfg: &Config) -> Result<(), AppError> {
+/// The partition counts start-up found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TopicLayout {
+    /// `None` while the input topic does not exist yet.
+    input_partitions: Option<i32>,
+    state_partitions: i32,
+}
+
+impl TopicLayout {
+    /// Input partition *p* keeps its journal in state partition *p*: an
+    /// input partition without one can never be replayed.
+    fn state_partitions_problem(&self, state_topic: &str) -> Option<String> {
+        let input = self.input_partitions?;
+        (self.state_partitions < input).then(|| {
+            format!(
+                "state topic {state_topic} has {} partitions, fewer than the input topic's {input}",
+                self.state_partitions
+            )
+        })
+    }
+}
+
+/// The settings of the short-lived start-up clients: the consumer's
+/// (security and the like), without its statistics, which only ingest reads.
+fn startup_client_config(cfg: &Config) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &cfg.kafka.brokers);
     for (k, v) in &cfg.kafka.consumer {
         client.set(k, v);
     }
-    let metadata_client: BaseConsumer = client
+    client.set("statistics.interval.ms", "0");
+    client
+}
+
+fn admin_client(cfg: &Config) -> rdkafka::error::KafkaResult<AdminClient<DefaultClientContext>> {
+    startup_client_config(cfg).create()
+}
+
+/// Creates the results, dead-letter and state topics when missing, with
+/// the input topic's partition count (or 1 when the input topic does not
+/// exist yet).
+async fn ensure_topics(
+    cfg: &Config,
+    admin: &AdminClient<DefaultClientContext>,
+) -> Result<TopicLayout, AppError> {
+    let metadata_client: BaseConsumer = startup_client_config(cfg)
         .create()
         .map_err(|e| AppError::Topics(e.to_string()))?;
     let brokers = cfg.kafka.brokers.clone();
-    let (existing, partitions) = tokio::task::spawn_blocking({
-        let requests = cfg.topics.requests.clone();
-        move || -> Result<(Vec<String>, i32), String> {
-            let md = metadata_client
-                .fetch_metadata(None, Duration::from_secs(30))
-                .map_err(|e| format!("reading cluster metadata from {brokers}: {e}"))?;
-            let names: Vec<String> = md.topics().iter().map(|t| t.name().to_owned()).collect();
-            let partitions = md
-                .topics()
-                .iter()
-                .find(|t| t.name() == requests)
-                .map(|t| t.partitions().len() as i32)
-                .filter(|n| *n > 0)
-                .unwrap_or(1);
-            Ok((names, partitions))
-        }
+    let existing = tokio::task::spawn_blocking(move || -> Result<HashMap<String, i32>, String> {
+        let md = metadata_client
+            .fetch_metadata(None, Duration::from_secs(30))
+            .map_err(|e| format!("reading cluster metadata from {brokers}: {e}"))?;
+        Ok(md
+            .topics()
+            .iter()
+            .map(|t| (t.name().to_owned(), t.partitions().len() as i32))
+            .collect())
     })
     .await
     .expect("metadata task")
     .map_err(AppError::Topics)?;
+    let input_partitions = existing
+        .get(&cfg.topics.requests)
+        .copied()
+        .filter(|n| *n > 0);
+    let partitions = input_partitions.unwrap_or(1);
+    let layout = TopicLayout {
+        input_partitions,
+        state_partitions: existing
+            .get(&cfg.topics.state)
+            .copied()
+            .unwrap_or(partitions),
+    };
     let missing: Vec<&String> = [&cfg.topics.results, &cfg.topics.dlq, &cfg.topics.state]
         .into_iter()
-        .filter(|t| !existing.contains(t))
+        .filter(|t| !existing.contains_key(*t))
         .collect();
     if missing.is_empty() {
-        return Ok(());
+        return Ok(layout);
     }
-    let admin: AdminClient<DefaultClientContext> = client
-        .create()
-        .map_err(|e| AppError::Topics(e.to_string()))?;
     let topics: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| {
@@ -299,5 +356,241 @@ async fn ensure_topics(cfg: &Config) -> Result<(), AppError> {
             Err((name, code)) => return Err(AppError::Topics(format!("creating {name}: {code}"))),
         }
     }
-    Ok(())
+    Ok(layout)
+}
+
+/// Added to a request's longest life when checking the input topic's
+/// retention: time for an operator to notice and fix a stuck instance.
+const RETENTION_MARGIN: Duration = Duration::from_secs(24 * 3600);
+
+/// How long an input message must stay readable: open batches re-read
+/// their requests by offset, and a request may go through every attempt,
+/// each running up to the batch deadline.
+fn required_input_retention(retry: &RetryConfig, batch: &BatchConfig) -> Duration {
+    batch
+        .deadline
+        .saturating_mul(retry.max_attempts.max(1))
+        .saturating_add(RETENTION_MARGIN)
+}
+
+/// A retention setting of the input topic that can delete requests
+/// batchline still needs.
+#[derive(Debug, PartialEq, Eq)]
+enum RetentionRisk {
+    /// `retention.ms` is shorter than a request's longest life.
+    TooShort { retention_ms: i64, required_ms: u64 },
+    /// `retention.bytes` is set: deletion by size ignores age.
+    SizeBased { retention_bytes: i64 },
+}
+
+/// The risks in the input topic's `retention.ms` and `retention.bytes`
+/// (`None`: the broker did not say; -1: unlimited).
+fn retention_risks(
+    retention_ms: Option<i64>,
+    retention_bytes: Option<i64>,
+    required: Duration,
+) -> Vec<RetentionRisk> {
+    let required_ms = u64::try_from(required.as_millis()).unwrap_or(u64::MAX);
+    let mut risks = Vec::new();
+    if let Some(ms) = retention_ms.filter(|ms| *ms >= 0) {
+        if (ms as u64) < required_ms {
+            risks.push(RetentionRisk::TooShort {
+                retention_ms: ms,
+                required_ms,
+            });
+        }
+    }
+    if let Some(bytes) = retention_bytes.filter(|b| *b >= 0) {
+        risks.push(RetentionRisk::SizeBased {
+            retention_bytes: bytes,
+        });
+    }
+    risks
+}
+
+impl RetentionRisk {
+    /// The warning for `topic`, saying what to set.
+    fn warning(&self, topic: &str, retry: &RetryConfig, batch: &BatchConfig) -> String {
+        match self {
+            RetentionRisk::TooShort {
+                retention_ms,
+                required_ms,
+            } => format!(
+                "input topic {topic} has retention.ms={retention_ms} ({}), shorter than the {required_ms} ms ({}) a request may need (retry.max_attempts {} x batch.deadline {} + {} margin): open batches can lose their inputs; set retention.ms to at least {required_ms}, or -1",
+                humantime::format_duration(Duration::from_millis(*retention_ms as u64)),
+                humantime::format_duration(Duration::from_millis(*required_ms)),
+                retry.max_attempts,
+                humantime::format_duration(batch.deadline),
+                humantime::format_duration(RETENTION_MARGIN),
+            ),
+            RetentionRisk::SizeBased { retention_bytes } => format!(
+                "input topic {topic} has retention.bytes={retention_bytes}: size-based retention can delete the inputs of open batches whatever their age; set retention.bytes to -1 and rely on retention.ms"
+            ),
+        }
+    }
+}
+
+/// Warns (log and `batchline_input_retention_short`) when the input
+/// topic's retention can delete requests before they are answered. A
+/// broker that cannot describe topic configs only gets an info line.
+async fn check_input_retention(
+    cfg: &Config,
+    admin: &AdminClient<DefaultClientContext>,
+    metrics: &Metrics,
+) {
+    let topic = &cfg.topics.requests;
+    metrics.input_retention_short(false);
+    let described = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await;
+    let resource = match described.map(|mut r| r.pop()) {
+        Ok(Some(Ok(resource))) => resource,
+        Ok(Some(Err(code))) => {
+            tracing::info!(topic = %topic, error = %code, "the broker did not describe the input topic's configs; retention not checked");
+            return;
+        }
+        Ok(None) => {
+            tracing::info!(topic = %topic, "the broker returned no configs for the input topic; retention not checked");
+            return;
+        }
+        Err(e) => {
+            tracing::info!(topic = %topic, error = %e, "describing the input topic's configs failed; retention not checked");
+            return;
+        }
+    };
+    let setting = |name: &str| -> Option<i64> {
+        let value = resource.get(name)?.value.as_deref()?;
+        value
+            .trim()
+            .parse()
+            .inspect_err(|_| tracing::info!(topic = %topic, name, value, "unreadable retention setting; not checked"))
+            .ok()
+    };
+    let (retention_ms, retention_bytes) = (setting("retention.ms"), setting("retention.bytes"));
+    if retention_ms.is_none() {
+        tracing::info!(topic = %topic, "the broker did not report retention.ms for the input topic; not checked");
+    }
+    let required = required_input_retention(&cfg.retry, &cfg.batch);
+    let risks = retention_risks(retention_ms, retention_bytes, required);
+    for risk in &risks {
+        tracing::warn!("{}", risk.warning(topic, &cfg.retry, &cfg.batch));
+    }
+    if risks.is_empty() {
+        tracing::debug!(topic = %topic, ?retention_ms, ?retention_bytes, "input topic retention is long enough");
+    }
+    metrics.input_retention_short(!risks.is_empty());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_attempts: u32, deadline: Duration) -> (RetryConfig, BatchConfig) {
+        let cfg = Config::load_from(None, Vec::<(String, String)>::new()).unwrap();
+        let (mut retry, mut batch) = (cfg.retry, cfg.batch);
+        retry.max_attempts = max_attempts;
+        batch.deadline = deadline;
+        (retry, batch)
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_request_lives_every_attempt_to_the_deadline_plus_a_day() {
+        let (retry, batch) = limits(3, 26 * HOUR);
+        assert_eq!(required_input_retention(&retry, &batch), 102 * HOUR);
+        let (retry, batch) = limits(1, 24 * HOUR);
+        assert_eq!(required_input_retention(&retry, &batch), 48 * HOUR);
+    }
+
+    #[test]
+    fn the_defaults_need_less_than_kafkas_default_week() {
+        let cfg = Config::load_from(None, Vec::<(String, String)>::new()).unwrap();
+        let required = required_input_retention(&cfg.retry, &cfg.batch);
+        let week_ms = 7 * 24 * 3600 * 1000;
+        assert!(retention_risks(Some(week_ms), Some(-1), required).is_empty());
+    }
+
+    #[test]
+    fn short_time_retention_is_a_risk_and_says_what_to_set() {
+        let (retry, batch) = limits(3, 26 * HOUR);
+        let required = required_input_retention(&retry, &batch);
+        let day_ms = 24 * 3600 * 1000;
+        let risks = retention_risks(Some(day_ms), Some(-1), required);
+        assert_eq!(
+            risks,
+            [RetentionRisk::TooShort {
+                retention_ms: day_ms,
+                required_ms: 367_200_000
+            }]
+        );
+        let warning = risks[0].warning("llm.requests", &retry, &batch);
+        for part in [
+            "input topic llm.requests",
+            "retention.ms=86400000 (1day)",
+            "367200000 ms (4days 6h)",
+            "retry.max_attempts 3 x batch.deadline 1day 2h + 1day margin",
+            "set retention.ms to at least 367200000",
+        ] {
+            assert!(warning.contains(part), "{part:?} not in {warning}");
+        }
+        // Exactly long enough, and unlimited, are fine.
+        assert!(retention_risks(Some(367_200_000), None, required).is_empty());
+        assert!(retention_risks(Some(-1), None, required).is_empty());
+        // Unknown is not a risk: nothing to warn about.
+        assert!(retention_risks(None, None, required).is_empty());
+    }
+
+    #[test]
+    fn any_size_based_retention_is_a_risk() {
+        let (retry, batch) = limits(3, 26 * HOUR);
+        let required = required_input_retention(&retry, &batch);
+        let risks = retention_risks(Some(-1), Some(1 << 30), required);
+        assert_eq!(
+            risks,
+            [RetentionRisk::SizeBased {
+                retention_bytes: 1 << 30
+            }]
+        );
+        let warning = risks[0].warning("llm.requests", &retry, &batch);
+        assert!(
+            warning.contains("retention.bytes=1073741824")
+                && warning.contains("set retention.bytes to -1"),
+            "{warning}"
+        );
+        assert_eq!(retention_risks(Some(1000), Some(0), required).len(), 2);
+    }
+
+    #[test]
+    fn a_huge_deadline_does_not_overflow() {
+        let (retry, batch) = limits(u32::MAX, Duration::MAX);
+        assert_eq!(required_input_retention(&retry, &batch), Duration::MAX);
+        assert_eq!(
+            retention_risks(Some(i64::MAX), None, Duration::MAX).len(),
+            1,
+            "nothing is long enough for forever"
+        );
+    }
+
+    #[test]
+    fn a_state_topic_with_fewer_partitions_than_the_input_is_a_problem() {
+        let layout = |input, state| TopicLayout {
+            input_partitions: input,
+            state_partitions: state,
+        };
+        assert_eq!(
+            layout(Some(4), 2).state_partitions_problem("batchline.state"),
+            Some(
+                "state topic batchline.state has 2 partitions, fewer than the input topic's 4"
+                    .to_owned()
+            )
+        );
+        assert_eq!(layout(Some(4), 4).state_partitions_problem("s"), None);
+        assert_eq!(layout(Some(2), 8).state_partitions_problem("s"), None);
+        // No input topic yet: nothing to compare with.
+        assert_eq!(layout(None, 1).state_partitions_problem("s"), None);
+    }
 }

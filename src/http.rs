@@ -1,7 +1,8 @@
 //! The HTTP side: `/metrics` for Prometheus, `/healthz` (the process is
-//! alive), `/readyz` (it is serving), and the status API over this
-//! instance's in-flight batches: `GET /v1/batches`, `GET /v1/batches/{id}`
-//! and `POST /v1/batches/{id}/cancel`. Bound to loopback by default.
+//! alive), `/readyz` (it is doing its work: 200 `ready`, or 503 with the
+//! reasons as JSON), and the status API over this instance's in-flight
+//! batches: `GET /v1/batches`, `GET /v1/batches/{id}` and
+//! `POST /v1/batches/{id}/cancel`. Bound to loopback by default.
 //!
 //! When a token is configured (`http.token_env`), every `/v1/*` route
 //! requires `Authorization: Bearer <token>`; metrics and health stay open.
@@ -18,20 +19,28 @@ use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ApiKey;
+use crate::health::Readiness;
 use crate::metrics::Metrics;
 use crate::status::{CancelAccepted, CancelRefused, Registry};
 
 #[derive(Clone)]
 struct HttpState {
     metrics: Metrics,
+    readiness: Readiness,
     batches: Registry,
     token: Option<Arc<ApiKey>>,
 }
 
 /// Every route; `token`, when set, guards the status API.
-pub fn router(metrics: Metrics, batches: Registry, token: Option<ApiKey>) -> Router {
+pub fn router(
+    metrics: Metrics,
+    readiness: Readiness,
+    batches: Registry,
+    token: Option<ApiKey>,
+) -> Router {
     let state = HttpState {
         metrics,
+        readiness,
         batches,
         token: token.map(Arc::new),
     };
@@ -43,7 +52,7 @@ pub fn router(metrics: Metrics, batches: Registry, token: Option<ApiKey>) -> Rou
     Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/readyz", get(ready))
         .merge(status_api)
         .with_state(state)
 }
@@ -56,6 +65,16 @@ async fn render_metrics(State(state): State<HttpState>) -> impl IntoResponse {
         )],
         state.metrics.render(),
     )
+}
+
+/// 200 `ready`, or 503 with `{"ready": false, "reasons": [...]}`.
+async fn ready(State(state): State<HttpState>) -> Response {
+    let reasons = state.readiness.reasons();
+    if reasons.is_empty() {
+        return "ready\n".into_response();
+    }
+    let body = serde_json::json!({"ready": false, "reasons": reasons});
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 /// A JSON error body: `{"error": {"type": ..., "message": ...}}`.
@@ -173,7 +192,9 @@ mod tests {
     #[tokio::test]
     async fn the_status_api_lists_shows_and_cancels_batches() {
         let batches = Registry::new();
-        let (url, stop) = spawn(router(Metrics::new(), batches.clone(), None)).await;
+        let metrics = Metrics::new();
+        let readiness = metrics.readiness().clone();
+        let (url, stop) = spawn(router(metrics, readiness, batches.clone(), None)).await;
         let client = reqwest::Client::new();
         let get = |path: &str| client.get(format!("{url}{path}"));
         let cancel = |id: &str| client.post(format!("{url}/v1/batches/{id}/cancel"));
@@ -235,7 +256,16 @@ mod tests {
         let batches = Registry::new();
         let _r = batches.register("bl-0-a", &route("openai", "m"), 0, 1, 1);
         let token = "tok-1234567890";
-        let (url, stop) = spawn(router(Metrics::new(), batches, Some(ApiKey::new(token)))).await;
+        let metrics = Metrics::new();
+        let readiness = metrics.readiness().clone();
+        readiness.partition_ready(0);
+        let (url, stop) = spawn(router(
+            metrics,
+            readiness,
+            batches,
+            Some(ApiKey::new(token)),
+        ))
+        .await;
         let client = reqwest::Client::new();
         for path in ["/v1/batches", "/v1/batches/bl-0-a"] {
             let resp = client.get(format!("{url}{path}")).send().await.unwrap();
@@ -267,6 +297,52 @@ mod tests {
             let resp = client.get(format!("{url}{open}")).send().await.unwrap();
             assert_eq!(resp.status().as_u16(), 200, "{open}");
         }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn readyz_answers_503_with_the_reasons_until_ready() {
+        let metrics = Metrics::new();
+        let readiness = metrics.readiness().clone();
+        let (url, stop) = spawn(router(
+            metrics.clone(),
+            readiness.clone(),
+            Registry::new(),
+            Some(ApiKey::new("tok-1234567890")),
+        ))
+        .await;
+        let readyz = || async {
+            let resp = reqwest::get(format!("{url}/readyz")).await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        };
+
+        let (status, body) = readyz().await;
+        assert_eq!(status, 503);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"ready": false, "reasons": ["no partitions assigned"]})
+        );
+
+        readiness.partition_replaying(3);
+        readiness.partition_ready(1);
+        metrics.route_failing("openai");
+        let (status, body) = readyz().await;
+        assert_eq!(status, 503);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body["reasons"],
+            serde_json::json!([
+                "partition 3: replaying the journal",
+                "provider openai: credentials or quota refused"
+            ])
+        );
+        assert!(metrics.render().contains("batchline_ready 0"));
+
+        readiness.partition_ready(3);
+        metrics.route_ok("openai");
+        assert_eq!(readyz().await, (200, "ready\n".to_owned()));
+        assert!(metrics.render().contains("batchline_ready 1"));
         stop.cancel();
     }
 }

@@ -7,20 +7,23 @@
 //! never stops the loop: it becomes a dead letter and a `rejected` result.
 //! When too much work is held, partitions are paused, not the loop.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ProviderKind, RouteLimits};
+use crate::health::Readiness;
 use crate::journal::{BatchRecord, OffsetSet, Phase};
 use crate::metrics::Metrics;
 use crate::model::{decode_request, RejectReason, Rejection, Source};
@@ -184,15 +187,166 @@ enum RebalanceEvent {
 }
 
 /// Consumer callbacks: record rebalances for the poll loop, commit finished
-/// offsets of partitions before they are revoked, log commit failures.
+/// offsets of partitions before they are revoked, log commit failures,
+/// export lag and broker reachability from librdkafka's statistics.
 pub struct IngestContext {
     topic: String,
     journal: Arc<Journal>,
     offsets: Arc<Mutex<OffsetTracker>>,
     events: Mutex<Vec<RebalanceEvent>>,
+    metrics: Metrics,
+    readiness: Readiness,
+    /// Partitions whose lag the last statistics reported.
+    lag_partitions: Mutex<BTreeSet<i32>>,
 }
 
-impl ClientContext for IngestContext {}
+/// How often librdkafka reports its statistics (lag, broker states),
+/// unless `kafka.consumer` sets `statistics.interval.ms`.
+const STATISTICS_INTERVAL: &str = "5000";
+
+/// The few fields of librdkafka's statistics JSON (its STATISTICS.md)
+/// batchline reads; everything else is skipped unparsed.
+#[derive(Debug, Default, Deserialize)]
+struct Statistics {
+    #[serde(default)]
+    brokers: HashMap<String, BrokerStatistics>,
+    #[serde(default)]
+    topics: HashMap<String, TopicStatistics>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct BrokerStatistics {
+    /// `configured`, `learned`, `internal` or `logical` (the group
+    /// coordinator's alias of a real broker).
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    state: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TopicStatistics {
+    #[serde(default)]
+    partitions: HashMap<i32, PartitionStatistics>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PartitionStatistics {
+    /// The partition's end (high watermark, or last stable offset) less
+    /// the group's committed offset; -1 while either is unknown.
+    #[serde(default = "unknown_lag")]
+    consumer_lag: i64,
+}
+
+fn unknown_lag() -> i64 {
+    -1
+}
+
+/// What one statistics report says about the input topic and the brokers.
+#[derive(Debug, PartialEq, Eq)]
+struct ConsumerStatistics {
+    /// Lag per partition, for partitions where it is known.
+    lag: BTreeMap<i32, i64>,
+    brokers: BrokerReach,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum BrokerReach {
+    /// A connection to a broker is up.
+    Up,
+    /// None is: why, broker by broker.
+    Down(String),
+    /// The report lists no broker.
+    Unknown,
+}
+
+/// Reads a librdkafka statistics report for the input topic `topic`.
+fn read_statistics(json: &[u8], topic: &str) -> serde_json::Result<ConsumerStatistics> {
+    let stats: Statistics = serde_json::from_slice(json)?;
+    let lag = stats
+        .topics
+        .get(topic)
+        .map(|t| {
+            t.partitions
+                .iter()
+                // -1 is librdkafka's internal unassigned partition.
+                .filter(|(p, s)| **p >= 0 && s.consumer_lag >= 0)
+                .map(|(p, s)| (*p, s.consumer_lag))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut brokers: Vec<(&String, &BrokerStatistics)> = stats
+        .brokers
+        .iter()
+        .filter(|(_, b)| b.source != "logical" && b.source != "internal")
+        .collect();
+    brokers.sort_by_key(|(name, _)| *name);
+    let brokers = if brokers.is_empty() {
+        BrokerReach::Unknown
+    } else if brokers.iter().any(|(_, b)| b.state == "UP") {
+        BrokerReach::Up
+    } else {
+        let states: Vec<String> = brokers
+            .iter()
+            .map(|(name, b)| format!("{name} {}", b.state))
+            .collect();
+        BrokerReach::Down(format!(
+            "no broker connection is up ({})",
+            states.join(", ")
+        ))
+    };
+    Ok(ConsumerStatistics { lag, brokers })
+}
+
+/// A broker answered: the brokers are reachable (again).
+fn brokers_answered(readiness: &Readiness) {
+    if readiness.brokers_reachable() {
+        tracing::info!("kafka brokers reachable again");
+    }
+}
+
+impl ClientContext for IngestContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        let stats = match read_statistics(statistics, &self.topic) {
+            Ok(stats) => stats,
+            Err(e) => {
+                tracing::warn!(error = %e, "librdkafka statistics not understood; lag not updated");
+                return;
+            }
+        };
+        {
+            let mut shown = self.lag_partitions.lock().expect("lag partitions lock");
+            for &p in shown.iter() {
+                if !stats.lag.contains_key(&p) {
+                    self.metrics.consumer_lag_gone(p);
+                }
+            }
+            for (&p, &lag) in &stats.lag {
+                self.metrics.consumer_lag(p, lag);
+            }
+            *shown = stats.lag.keys().copied().collect();
+        }
+        match stats.brokers {
+            BrokerReach::Up => brokers_answered(&self.readiness),
+            BrokerReach::Down(why) => {
+                if self.readiness.brokers_unreachable(&why) {
+                    tracing::warn!(reason = %why, "kafka brokers unreachable; not ready");
+                }
+            }
+            BrokerReach::Unknown => {}
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            if self.readiness.brokers_unreachable(reason) {
+                tracing::warn!(reason, "all kafka brokers are down; not ready");
+            }
+            return;
+        }
+        tracing::error!(error = %error, reason, "kafka client error");
+    }
+}
 
 fn partitions_of(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
     tpl.elements_for_topic(topic)
@@ -252,8 +406,11 @@ impl ConsumerContext for IngestContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "offset commit failed; the next commit covers it");
+        match result {
+            Ok(()) => brokers_answered(&self.readiness),
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; the next commit covers it")
+            }
         }
     }
 }
@@ -400,6 +557,7 @@ pub struct Ingest {
     offsets: Arc<Mutex<OffsetTracker>>,
     backlog: Arc<Backlog>,
     metrics: Metrics,
+    readiness: Readiness,
     max_held_requests: u64,
     max_spool_bytes: u64,
     paused: bool,
@@ -413,6 +571,7 @@ impl Ingest {
         offsets: Arc<Mutex<OffsetTracker>>,
         backlog: Arc<Backlog>,
         metrics: Metrics,
+        readiness: Readiness,
     ) -> Result<Ingest, IngestError> {
         let mut client = ClientConfig::new();
         client
@@ -430,7 +589,9 @@ impl Ingest {
             // and the queue cap above only applies between fetches. Small
             // fetches keep that peak bounded.
             .set("fetch.max.bytes", "4194304")
-            .set("max.partition.fetch.bytes", "1048576");
+            .set("max.partition.fetch.bytes", "1048576")
+            // Lag per partition and broker states, read in `stats_raw`.
+            .set("statistics.interval.ms", STATISTICS_INTERVAL);
         for (k, v) in &cfg.kafka.consumer {
             client.set(k, v);
         }
@@ -439,6 +600,9 @@ impl Ingest {
             journal: journal.clone(),
             offsets: offsets.clone(),
             events: Mutex::new(Vec::new()),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            lag_partitions: Mutex::new(BTreeSet::new()),
         };
         let consumer: BaseConsumer<IngestContext> = client
             .create_with_context(context)
@@ -462,6 +626,7 @@ impl Ingest {
             offsets,
             backlog,
             metrics,
+            readiness,
             max_held_requests: cfg.limits.max_held_requests,
             max_spool_bytes: cfg.limits.max_spool_bytes.0,
             paused: false,
@@ -489,6 +654,14 @@ impl Ingest {
                 source,
             })?;
         let result = self.consume(&outputs, &shutdown);
+        self.readiness.shutting_down();
+        // A replay still running would claim partitions this instance is
+        // about to give up.
+        for part in self.parts.values() {
+            if let Part::Replaying { stop, .. } = part {
+                stop.cancel();
+            }
+        }
         // Full windows were sent as they filled; send those due now and
         // leave the rest to the input topic (their offsets stay uncommitted).
         let flushed = self.send_due(&outputs, Instant::now());
@@ -522,12 +695,20 @@ impl Ingest {
                 .map(|due| due.saturating_duration_since(now))
                 .unwrap_or(Duration::MAX)
                 .min(Duration::from_millis(100));
+            // A partition becomes ready (and seeks back to what it dropped
+            // while replaying) before the next poll, never between a poll
+            // and the handling of the message it returned: that message,
+            // fetched while replaying, would otherwise be tracked first and
+            // the offsets the seek brings back, below it, refused as seen.
+            self.finish_replays();
             let consumer = self.consumer.clone();
             let message = consumer.poll(timeout);
             self.drain_events();
-            self.finish_replays();
             match message {
-                Some(Ok(m)) => self.handle(&m, outputs)?,
+                Some(Ok(m)) => {
+                    brokers_answered(&self.readiness);
+                    self.handle(&m, outputs)?
+                }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
             }
@@ -779,6 +960,7 @@ impl Ingest {
                             None => {}
                         }
                         self.journal.release(p);
+                        self.readiness.partition_revoked(p);
                         let held = self.packer.discard_partition(p);
                         self.backlog.release(held.requests, 0);
                         offsets.forget(p);
@@ -804,6 +986,7 @@ impl Ingest {
         ) {
             stop.cancel();
         }
+        self.readiness.partition_replaying(p);
         let (cfg, journal, consumer, runtime, tx) = (
             self.cfg.clone(),
             self.journal.clone(),
@@ -812,6 +995,7 @@ impl Ingest {
             self.replayed_tx.clone(),
         );
         let metrics = self.metrics.clone();
+        let readiness = self.readiness.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("replay-{p}"))
             .spawn(move || {
@@ -833,6 +1017,9 @@ impl Ingest {
                         }
                         Err(e) => {
                             tracing::warn!(partition = p, error = %e, "replaying the journal failed; retrying");
+                            if !stop.is_cancelled() {
+                                readiness.replay_retrying(p, &e);
+                            }
                             std::thread::sleep(wait);
                             wait = (wait * 2).min(Duration::from_secs(10));
                         }
@@ -868,6 +1055,7 @@ impl Ingest {
                 "journal replayed; partition ready"
             );
             self.parts.insert(p, Part::Ready(Box::new(recovery)));
+            self.readiness.partition_ready(p);
             if let Some(o) = first_dropped {
                 if let Err(e) =
                     self.consumer
@@ -1000,6 +1188,8 @@ impl Ingest {
                     }
                 }
                 if confirm {
+                    // A synchronous commit is a broker's answer.
+                    brokers_answered(&self.readiness);
                     self.last_mark = Instant::now();
                     let last = self.closing;
                     for (p, o) in committing {
@@ -1034,5 +1224,136 @@ impl Ingest {
     /// The input topic's name, shared with sealed batches.
     pub fn topic(&self) -> &Arc<str> {
         &self.topic_arc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reports librdkafka 2.12.1 wrote for a group consumer of
+    /// `llm.requests` (two partitions, on Tansu): one while connected, one
+    /// after the broker was stopped.
+    const STATISTICS: &str = include_str!("../tests/data/librdkafka-consumer-statistics.json");
+    const STATISTICS_BROKERS_DOWN: &str =
+        include_str!("../tests/data/librdkafka-consumer-statistics-brokers-down.json");
+
+    #[test]
+    fn statistics_give_the_lag_of_each_assigned_partition() {
+        let stats = read_statistics(STATISTICS.as_bytes(), "llm.requests").unwrap();
+        // Partition -1 (librdkafka's internal one, lag -1) is left out.
+        assert_eq!(stats.lag, BTreeMap::from([(0, 3), (1, 0)]));
+        assert_eq!(stats.brokers, BrokerReach::Up);
+    }
+
+    #[test]
+    fn statistics_of_another_topic_give_no_lag() {
+        let stats = read_statistics(STATISTICS.as_bytes(), "llm.other").unwrap();
+        assert!(stats.lag.is_empty());
+    }
+
+    #[test]
+    fn statistics_with_no_broker_up_say_which_brokers_are_down() {
+        let stats = read_statistics(STATISTICS_BROKERS_DOWN.as_bytes(), "llm.requests").unwrap();
+        // The coordinator is a logical alias of the real broker: not listed.
+        assert_eq!(
+            stats.brokers,
+            BrokerReach::Down(
+                "no broker connection is up (127.0.0.1:33777/111 TRY_CONNECT)".into()
+            )
+        );
+        // librdkafka keeps reporting the last known lag meanwhile.
+        assert_eq!(stats.lag, BTreeMap::from([(0, 3), (1, 0)]));
+    }
+
+    #[test]
+    fn unknown_lag_and_missing_fields_are_skipped() {
+        let json = br#"{"brokers": {"b:9092/1": {"source": "learned", "state": "UP"}},
+            "topics": {"llm.requests": {"partitions": {
+                "0": {"consumer_lag": -1}, "1": {}, "2": {"consumer_lag": 42}}}}}"#;
+        let stats = read_statistics(json, "llm.requests").unwrap();
+        assert_eq!(stats.lag, BTreeMap::from([(2, 42)]));
+        assert_eq!(stats.brokers, BrokerReach::Up);
+        let stats = read_statistics(br#"{"brokers": {}}"#, "llm.requests").unwrap();
+        assert_eq!(stats.brokers, BrokerReach::Unknown);
+        assert!(stats.lag.is_empty());
+        assert!(read_statistics(b"{not json", "llm.requests").is_err());
+    }
+
+    /// The consumer's callbacks, as librdkafka would call them, without a
+    /// broker.
+    fn context() -> IngestContext {
+        let cfg = Config::load_from(None, Vec::<(String, String)>::new()).unwrap();
+        IngestContext {
+            topic: "llm.requests".into(),
+            journal: Arc::new(Journal::new(&cfg).unwrap()),
+            offsets: Arc::new(Mutex::new(OffsetTracker::new())),
+            events: Mutex::new(Vec::new()),
+            metrics: Metrics::new(),
+            readiness: Readiness::new(),
+            lag_partitions: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn unreachable(ctx: &IngestContext) -> Option<String> {
+        ctx.readiness.facts().brokers_unreachable
+    }
+
+    #[test]
+    fn all_brokers_down_marks_them_unreachable_until_a_broker_answers() {
+        let ctx = context();
+        ctx.error(
+            KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            "127.0.0.1:9092/1: Connect failed",
+        );
+        assert_eq!(unreachable(&ctx), None, "one failed connection is not all");
+        ctx.error(
+            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        assert_eq!(unreachable(&ctx).as_deref(), Some("1/1 brokers are down"));
+        assert!(ctx
+            .readiness
+            .reasons()
+            .contains(&"kafka brokers unreachable: 1/1 brokers are down".to_owned()));
+        ctx.commit_callback(Ok(()), &TopicPartitionList::new());
+        assert_eq!(unreachable(&ctx), None);
+    }
+
+    #[test]
+    fn statistics_set_lag_and_broker_reachability() {
+        let ctx = context();
+        ctx.stats_raw(STATISTICS_BROKERS_DOWN.as_bytes());
+        assert_eq!(
+            unreachable(&ctx).as_deref(),
+            Some("no broker connection is up (127.0.0.1:33777/111 TRY_CONNECT)")
+        );
+        ctx.stats_raw(STATISTICS.as_bytes());
+        assert_eq!(unreachable(&ctx), None);
+        let text = ctx.metrics.render();
+        assert!(
+            text.contains(r#"batchline_consumer_lag_messages{partition="0"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"batchline_consumer_lag_messages{partition="1"} 0"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"partition="-1""#), "{text}");
+
+        // Partition 0 revoked: its series goes, partition 1's stays.
+        let only_1 = br#"{"brokers": {"b:9092/1": {"source": "learned", "state": "UP"}},
+            "topics": {"llm.requests": {"partitions": {
+                "0": {"consumer_lag": -1}, "1": {"consumer_lag": 5}}}}}"#;
+        ctx.stats_raw(only_1);
+        let text = ctx.metrics.render();
+        assert!(!text.contains(r#"partition="0""#), "{text}");
+        assert!(
+            text.contains(r#"batchline_consumer_lag_messages{partition="1"} 5"#),
+            "{text}"
+        );
+        // A report it cannot read changes nothing.
+        ctx.stats_raw(b"{not json");
+        assert!(ctx.metrics.render().contains(r#"{partition="1"} 5"#));
     }
 }

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cli;
 pub mod collector;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod journal;

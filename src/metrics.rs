@@ -11,6 +11,7 @@ use prometheus::{
 };
 
 use crate::collector::Collected;
+use crate::health::Readiness;
 use crate::model::RejectReason;
 use crate::packer::Route;
 
@@ -40,6 +41,12 @@ pub struct Metrics {
     orphans: IntCounterVec,
     provider_requests: IntCounterVec,
     provider_request_duration: HistogramVec,
+    ready: IntGauge,
+    input_retention_short: IntGauge,
+    consumer_lag: IntGaugeVec,
+    /// Read at each scrape for `batchline_ready`; a failing route is
+    /// recorded in it too.
+    readiness: Readiness,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -84,7 +91,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Metrics with a readiness of their own (for tests and tools).
     pub fn new() -> Metrics {
+        Metrics::with_readiness(Readiness::new())
+    }
+
+    /// Metrics that record failing routes in, and report, `readiness`.
+    pub fn with_readiness(readiness: Readiness) -> Metrics {
         let r = Registry::new();
         let requests_consumed =
             IntCounter::new("batchline_requests_consumed_total", "Input messages read.")
@@ -267,8 +280,30 @@ impl Metrics {
                     120.0, 300.0,
                 ],
             ),
+            ready: gauge(
+                &r,
+                "batchline_ready",
+                "1 while /readyz answers 200: brokers reachable, partitions assigned and replayed, no provider failing.",
+            ),
+            input_retention_short: gauge(
+                &r,
+                "batchline_input_retention_short",
+                "1 when the input topic's retention.ms is shorter than a request's longest life, or retention.bytes is set.",
+            ),
+            consumer_lag: gauge_vec(
+                &r,
+                "batchline_consumer_lag_messages",
+                "Messages after the group's committed offset in each assigned input partition (librdkafka consumer_lag): read but unanswered requests count.",
+                &["partition"],
+            ),
+            readiness,
             registry: r,
         }
+    }
+
+    /// What `/readyz` answers, shared with ingest and the start-up checks.
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
     }
 
     pub fn request_consumed(&self) {
@@ -371,12 +406,36 @@ impl Metrics {
         self.ambiguous_creates.with_label_values(&[provider]).inc();
     }
 
+    /// The provider refuses credentials or quota: its requests are held
+    /// and this instance is not ready until a create succeeds.
     pub fn route_failing(&self, provider: &str) {
         self.route_failing.with_label_values(&[provider]).set(1);
+        self.readiness.provider_failing(provider);
     }
 
     pub fn route_ok(&self, provider: &str) {
         self.route_failing.with_label_values(&[provider]).set(0);
+        self.readiness.provider_ok(provider);
+    }
+
+    /// The start-up check of the input topic's retention settings.
+    pub fn input_retention_short(&self, short: bool) {
+        self.input_retention_short.set(short as i64);
+    }
+
+    /// An assigned input partition's lag, from librdkafka's statistics.
+    pub fn consumer_lag(&self, partition: i32, messages: i64) {
+        self.consumer_lag
+            .with_label_values(&[&partition.to_string()])
+            .set(messages);
+    }
+
+    /// A partition no longer reported (revoked): its lag series goes away
+    /// rather than freezing at its last value.
+    pub fn consumer_lag_gone(&self, partition: i32) {
+        let _ = self
+            .consumer_lag
+            .remove_label_values(&[&partition.to_string()]);
     }
 
     /// Starts a configured provider's series at zero, so its failing flag,
@@ -402,6 +461,7 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        self.ready.set(self.readiness.is_ready() as i64);
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
@@ -440,6 +500,37 @@ mod tests {
             env!("CARGO_PKG_VERSION")
         );
         assert!(text.contains(&line), "missing {line} in\n{text}");
+    }
+
+    #[test]
+    fn readiness_is_rendered_at_each_scrape() {
+        let m = Metrics::new();
+        assert!(m.render().contains("batchline_ready 0"));
+        m.readiness().partition_ready(0);
+        assert!(m.render().contains("batchline_ready 1"));
+        m.route_failing("openai");
+        assert_eq!(
+            m.readiness().reasons(),
+            ["provider openai: credentials or quota refused"]
+        );
+        assert!(m.render().contains("batchline_ready 0"));
+        m.route_ok("openai");
+        assert!(m.render().contains("batchline_ready 1"));
+    }
+
+    #[test]
+    fn a_revoked_partition_loses_its_lag_series() {
+        let m = Metrics::new();
+        m.consumer_lag(0, 12);
+        m.consumer_lag(3, 0);
+        let text = m.render();
+        assert!(text.contains(r#"batchline_consumer_lag_messages{partition="0"} 12"#));
+        assert!(text.contains(r#"batchline_consumer_lag_messages{partition="3"} 0"#));
+        m.consumer_lag_gone(0);
+        m.consumer_lag_gone(7);
+        let text = m.render();
+        assert!(!text.contains(r#"partition="0""#), "{text}");
+        assert!(text.contains(r#"batchline_consumer_lag_messages{partition="3"} 0"#));
     }
 
     #[test]

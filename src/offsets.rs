@@ -16,6 +16,8 @@ struct PartitionOffsets {
     done: VecDeque<bool>,
     /// The watermark last committed.
     committed: Option<i64>,
+    /// The first offset tracked: anything below it was never seen.
+    start: i64,
 }
 
 impl PartitionOffsets {
@@ -43,10 +45,21 @@ impl OffsetTracker {
             .entry(partition)
             .or_insert_with(|| PartitionOffsets {
                 watermark: offset,
+                start: offset,
                 ..Default::default()
             });
         let next = p.next_expected();
         if offset < next {
+            if offset < p.start {
+                // Not a re-delivery: this offset was never read, and the
+                // watermark already passed it. A bug, loudly.
+                tracing::error!(
+                    partition,
+                    offset,
+                    first_tracked = p.start,
+                    "an offset below the first one tracked was refused"
+                );
+            }
             return false;
         }
         // Offsets skipped over do not exist for this consumer.

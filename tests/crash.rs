@@ -371,3 +371,107 @@ async fn partitions_move_between_instances_with_batches_in_flight() {
         panic!("no open batch changed hands");
     }
 }
+
+/// The chaos run: `cargo test --release --features failpoints --test crash
+/// chaos -- --ignored --nocapture`. 20,000 requests over 4 partitions and
+/// two instances, three random SIGKILLs with a fresh instance each time,
+/// 429 and 5xx storms, 1 % per-request errors, expiring batches and
+/// ambiguous creates. It prints requests in, results out, repeats and the
+/// most successes billed for one custom_id (must be 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "minutes long; run by hand, see the doc comment"]
+async fn chaos() {
+    let n: usize = std::env::var("CHAOS_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let sim = Sim::start(SimConfig {
+        error_rate: 0.01,
+        http_429_rate: 0.1,
+        http_5xx_rate: 0.05,
+        ambiguous_create_rate: 0.2,
+        expire_rate: 0.05,
+        expire_completed_fraction: 0.5,
+        batch_duration: Duration::from_secs(2),
+        seed: 2026,
+        ..SimConfig::default()
+    })
+    .await;
+    let topics = Topics::create(4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut generation = 0;
+    let mut start = |dir: &Path| {
+        generation += 1;
+        let d = dir.join(format!("i{generation}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let config = write_config(&d, &topics, &sim, "openai");
+        let log = d.join("batchline.log");
+        (Process::start(&config, None, log.clone()), log)
+    };
+    let records: Vec<Produce> = (0..n)
+        .map(|i| {
+            let id = format!("chaos-{i:06}");
+            Produce::json(
+                &id,
+                &chat_request(&id, "openai", "gpt-4o-mini", &format!("chaos {i}")),
+            )
+        })
+        .collect();
+    let expected: HashSet<String> = records
+        .iter()
+        .map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap())
+        .collect();
+    let mut running = vec![start(dir.path()), start(dir.path())];
+    produce(&topics.requests, &records).await;
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    for kill in 1..=3 {
+        wait_for_count(&topics.results, n * kill / 5, RESULT_TIMEOUT);
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let (mut victim, _) = running.swap_remove((rng % running.len() as u64) as usize);
+        let _ = victim.child.kill();
+        let _ = victim.child.wait();
+        eprintln!("chaos: SIGKILL {kill}");
+        running.push(start(dir.path()));
+    }
+    wait_for_keys(&topics.results, &expected, Duration::from_secs(900));
+    tokio::task::block_in_place(|| {
+        for (p, _) in running {
+            p.stop();
+        }
+    });
+    let mut results: HashMap<String, serde_json::Value> = HashMap::new();
+    let mut repeats = 0;
+    for r in read_all(&topics.results).await {
+        let v = r.json();
+        if let Some(earlier) = results.insert(r.key_str().to_owned(), v.clone()) {
+            repeats += 1;
+            assert_eq!(earlier, v, "a repeated result is identical");
+        }
+    }
+    let stats = sim.stats().await;
+    let max_billed = expected
+        .iter()
+        .map(|id| stats["custom_ids"][id]["billed"].as_u64().unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    let mut by_status: HashMap<String, usize> = HashMap::new();
+    for r in results.values() {
+        *by_status
+            .entry(r["status"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    eprintln!(
+        "chaos: {n} requests in, {} results out ({repeats} repeats), by status {by_status:?}, max billed successes per custom_id {max_billed}",
+        results.len()
+    );
+    assert_eq!(results.len(), n);
+    assert_eq!(max_billed, 1, "no request billed twice");
+    for (id, r) in &results {
+        let billed = stats["custom_ids"][id]["billed"].as_u64().unwrap_or(0);
+        if r["status"] == "succeeded" {
+            assert_eq!(billed, 1, "{r}");
+        }
+    }
+}

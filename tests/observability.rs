@@ -462,9 +462,11 @@ async fn metrics_agree_with_the_topics_after_a_run_and_pass_promtool() {
         let published = sum_by(&samples, "batchline_results_published_total", "status");
         let published: BTreeMap<String, f64> =
             published.into_iter().filter(|(_, n)| *n > 0.0).collect();
+        // Lag comes with librdkafka's statistics, once offsets are committed.
         let settled = published == on_topic
             && sum(&samples, "batchline_held_requests", &[]) == 0.0
-            && sum(&samples, "batchline_batches_in_flight", &[]) == 0.0;
+            && sum(&samples, "batchline_batches_in_flight", &[]) == 0.0
+            && sample_names(&samples).contains("batchline_consumer_lag_messages");
         if settled || Instant::now() > deadline {
             break (text, samples);
         }
@@ -635,6 +637,8 @@ fn every_metric_touched() -> Metrics {
     m.route_failing("openai");
     m.route_ok("openai");
     m.provider_call("openai", "create_batch", "200", 0.1);
+    m.input_retention_short(false);
+    m.consumer_lag(0, 0);
     m
 }
 
@@ -814,6 +818,208 @@ async fn wait_until_serving(base: &str) {
         assert!(Instant::now() < deadline, "{base}/healthz never answered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `/readyz`'s HTTP status and body.
+async fn readyz(base: &str) -> (u16, String) {
+    let resp = reqwest::get(format!("{base}/readyz"))
+        .await
+        .unwrap_or_else(|e| panic!("calling {base}/readyz: {e}"));
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// Polls `/readyz` until it answers 200; returns every 503 body seen
+/// before, each checked to be `{"ready": false, "reasons": [..]}`.
+async fn wait_until_ready(base: &str) -> Vec<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut not_ready = Vec::new();
+    loop {
+        match reqwest::get(format!("{base}/readyz")).await {
+            Ok(resp) if resp.status().as_u16() == 200 => {
+                assert_eq!(resp.text().await.unwrap(), "ready\n");
+                return not_ready;
+            }
+            Ok(resp) => {
+                assert_eq!(resp.status().as_u16(), 503);
+                let body: serde_json::Value = resp.json().await.expect("a JSON 503 body");
+                assert_eq!(body["ready"], false, "{body}");
+                let reasons: Vec<String> = body["reasons"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("no reasons in {body}"))
+                    .iter()
+                    .map(|r| r.as_str().expect("a reason is a string").to_owned())
+                    .collect();
+                assert!(!reasons.is_empty(), "{body}");
+                not_ready.push(reasons);
+            }
+            Err(_) => {} // Not listening yet.
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{base}/readyz never answered 200; last reasons: {:?}",
+            not_ready.last()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_turns_ready_once_partitions_are_replayed_and_lag_is_exported() {
+    let sim = Sim::start(SimConfig::default()).await;
+    let topics = Topics::create(2).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
+    let listen = free_listen_addr();
+    cfg.http.listen = listen.clone();
+    let base = format!("http://{listen}");
+    let batchline = Batchline::start(cfg);
+
+    // Until both partitions are assigned and replayed, /readyz says why not.
+    let not_ready = wait_until_ready(&base).await;
+    for reasons in &not_ready {
+        for reason in reasons {
+            assert!(
+                reason == "no partitions assigned"
+                    || reason.starts_with("partition 0: replaying the journal")
+                    || reason.starts_with("partition 1: replaying the journal"),
+                "unexpected reason while starting: {reason}"
+            );
+        }
+    }
+    let text = scrape(&listen).await;
+    let samples = parse_exposition(&text);
+    assert_eq!(sum(&samples, "batchline_ready", &[]), 1.0, "{text}");
+    // Tansu reports no retention.ms for a topic created without one.
+    assert_eq!(sum(&samples, "batchline_input_retention_short", &[]), 0.0);
+
+    let ids: Vec<String> = (0..20).map(|i| format!("ready-{i:02}")).collect();
+    let records: Vec<Produce> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            Produce::json(id, &chat_request(id, "openai", "gpt-4o-mini", id))
+                .in_partition(i as i32 % 2)
+        })
+        .collect();
+    produce(&topics.requests, &records).await;
+    let expected = ids.iter().cloned().collect();
+    wait_for_keys(&topics.results, &expected, RESULT_TIMEOUT);
+
+    // Lag appears with the statistics that follow the first commits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lag = loop {
+        let samples = parse_exposition(&scrape(&listen).await);
+        let lag: BTreeMap<String, f64> = samples
+            .iter()
+            .filter(|s| s.name == "batchline_consumer_lag_messages")
+            .map(|s| (s.labels["partition"].clone(), s.value))
+            .collect();
+        if lag.len() == 2 {
+            break lag;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no lag for both partitions in a scrape: {lag:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(lag.keys().collect::<Vec<_>>(), ["0", "1"]);
+    assert!(lag.values().all(|l| *l >= 0.0), "{lag:?}");
+    assert_eq!(readyz(&base).await, (200, "ready\n".to_owned()));
+    batchline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_lists_why_an_instance_is_not_ready() {
+    // The simulator wants another key: the provider refuses credentials.
+    let sim = Sim::start(SimConfig {
+        api_key: Some("sk-another-key".into()),
+        ..SimConfig::default()
+    })
+    .await;
+    // An hour of retention, size-based retention, and a state topic with
+    // one partition for an input topic of two.
+    let topics = Topics::named();
+    create_topic_with(
+        &topics.requests,
+        2,
+        &[
+            ("retention.ms", "3600000"),
+            ("retention.bytes", "1073741824"),
+        ],
+    )
+    .await;
+    create_topic(&topics.state, 1).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
+    let listen = free_listen_addr();
+    cfg.http.listen = listen.clone();
+    // The held request is abandoned at shutdown.
+    cfg.shutdown.timeout = Duration::from_secs(2);
+    let base = format!("http://{listen}");
+    let batchline = Batchline::start(cfg);
+    wait_until_serving(&base).await;
+
+    let id = "not-ready-0";
+    produce(
+        &topics.requests,
+        &[Produce::json(id, &chat_request(id, "openai", "gpt-4o-mini", id)).in_partition(0)],
+    )
+    .await;
+
+    let state_problem = format!(
+        "state topic {} has 1 partitions, fewer than the input topic's 2",
+        topics.state
+    );
+    let failing = "provider openai: credentials or quota refused";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reasons = loop {
+        let (status, body) = readyz(&base).await;
+        assert_eq!(status, 503, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["ready"], false, "{body}");
+        let reasons: Vec<String> = body["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_owned())
+            .collect();
+        let partition_1_stuck = reasons
+            .iter()
+            .any(|r| r.starts_with("partition 1: replaying the journal"));
+        if reasons.contains(&state_problem)
+            && reasons.iter().any(|r| r == failing)
+            && partition_1_stuck
+        {
+            break reasons;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never gave every reason; last: {reasons:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        !reasons.iter().any(|r| r.starts_with("partition 0")),
+        "partition 0 has its state partition: {reasons:?}"
+    );
+
+    let samples = parse_exposition(&scrape(&listen).await);
+    assert_eq!(sum(&samples, "batchline_ready", &[]), 0.0);
+    assert_eq!(
+        sum(
+            &samples,
+            "batchline_provider_failing",
+            &[("provider", "openai")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sum(&samples, "batchline_input_retention_short", &[]),
+        1.0,
+        "an hour is shorter than 3 attempts of 26 h"
+    );
+    batchline.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1005,6 +1211,7 @@ async fn the_status_api_requires_the_bearer_token_when_one_is_configured() {
         status_api(client.get(format!("{base}/v1/batches/bl-0-x")), Some(token)).await;
     assert_eq!(status, 404, "{body}");
     // Metrics and health need no token.
+    wait_until_ready(&base).await;
     for open in ["/metrics", "/healthz", "/readyz"] {
         let resp = client.get(format!("{base}{open}")).send().await.unwrap();
         assert_eq!(resp.status().as_u16(), 200, "{open}");

@@ -107,13 +107,22 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_with(name, partitions, &[]).await
+}
+
+/// Creates `name` with topic configs such as `("retention.ms", "3600000")`.
+pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
         .unwrap();
+    let topic = configs.iter().fold(
+        NewTopic::new(name, partitions, TopicReplication::Fixed(1)),
+        |topic, (k, v)| topic.set(k, v),
+    );
     let results = admin
         .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &[topic],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
         )
         .await
@@ -395,15 +404,20 @@ pub struct Topics {
 
 impl Topics {
     pub async fn create(partitions: i32) -> Topics {
-        let t = Topics {
+        let t = Topics::named();
+        create_topic(&t.requests, partitions).await;
+        t
+    }
+
+    /// Fresh names; no topic is created.
+    pub fn named() -> Topics {
+        Topics {
             requests: unique("requests"),
             results: unique("results"),
             dlq: unique("dlq"),
             state: unique("state"),
             group: unique("group"),
-        };
-        create_topic(&t.requests, partitions).await;
-        t
+        }
     }
 }
 
@@ -417,6 +431,8 @@ pub fn test_config(topics: &Topics, sim_url: &str, spool: &std::path::Path) -> C
         ("session.timeout.ms", "6000"),
         ("heartbeat.interval.ms", "500"),
         ("topic.metadata.refresh.interval.ms", "1000"),
+        // Lag and broker states show within a second.
+        ("statistics.interval.ms", "1000"),
     ] {
         cfg.kafka.consumer.insert(k.into(), v.into());
     }
