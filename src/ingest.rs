@@ -1033,6 +1033,7 @@ impl Ingest {
 
     /// Makes replayed partitions ready and resumes them.
     fn finish_replays(&mut self) {
+        let mut retry = Vec::new();
         while let Ok(done) = self.replayed_rx.try_recv() {
             let p = done.partition;
             let first_dropped = match self.parts.get(&p) {
@@ -1044,6 +1045,29 @@ impl Ingest {
                 // Revoked, or assigned again since.
                 _ => continue,
             };
+            // Read again from the resume point: below it everything is
+            // finished, and from it on every offset must be seen, so that
+            // open batches are rebuilt whole and the commit watermark never
+            // passes an offset this instance did not read. The consumer's
+            // own position cannot be trusted for that: it may be past the
+            // resume point (fetched before the pause, or set from a commit
+            // read at another moment).
+            let target = match (done.recovery.resume, first_dropped) {
+                (Some(c), _) => Some(Offset::Offset(c)),
+                (None, Some(o)) => Some(Offset::Offset(o)),
+                (None, None) => None,
+            };
+            if let Some(target) = target {
+                if let Err(e) = self
+                    .consumer
+                    .seek(&self.topic, p, target, Duration::from_secs(5))
+                {
+                    // Not ready yet: try again on the next turn of the loop.
+                    tracing::warn!(partition = p, offset = ?target, error = %e, "seeking to the resume point failed; retrying");
+                    retry.push(done);
+                    continue;
+                }
+            }
             let mut recovery = done.recovery;
             for b in &mut recovery.rebuilding {
                 b.window = self.rebuild_window(p, &b.record);
@@ -1056,17 +1080,12 @@ impl Ingest {
             );
             self.parts.insert(p, Part::Ready(Box::new(recovery)));
             self.readiness.partition_ready(p);
-            if let Some(o) = first_dropped {
-                if let Err(e) =
-                    self.consumer
-                        .seek(&self.topic, p, Offset::Offset(o), Duration::from_secs(5))
-                {
-                    tracing::warn!(partition = p, offset = o, error = %e, "seeking back failed");
-                }
-            }
             if !self.paused {
                 self.resume(&[p]);
             }
+        }
+        for done in retry {
+            let _ = self.replayed_tx.send(done);
         }
     }
 
