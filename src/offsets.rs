@@ -62,7 +62,18 @@ impl OffsetTracker {
             }
             return false;
         }
-        // Offsets skipped over do not exist for this consumer.
+        // Offsets skipped over do not exist for this consumer: transaction
+        // markers (one at a time) or a compacted input. More than one is
+        // unusual for an input topic, and a broker that skips records
+        // would make it a loss: say so.
+        if offset - next > 1 {
+            tracing::warn!(
+                partition,
+                from = next,
+                to = offset - 1,
+                "input offsets skipped by the consumer are taken as done"
+            );
+        }
         for _ in next..offset {
             p.done.push_back(true);
         }

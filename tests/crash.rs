@@ -208,7 +208,7 @@ async fn crash_and_recover(provider: &str, model: &str, failpoint: &str) {
         .iter()
         .map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap())
         .collect();
-    produce(&topics.requests, &records).await;
+    produce_unbatched(&topics.requests, &records).await;
 
     let mut first = Process::start(&config, Some(failpoint), dir.path().join("first.log"));
     tokio::task::block_in_place(|| first.wait_for_abort(Duration::from_secs(90)));
@@ -334,7 +334,7 @@ async fn partitions_move_between_instances_with_batches_in_flight() {
     let a_log = dir.path().join("a.log");
     let mut a = Process::start(&config("a"), None, a_log.clone());
     wait_for_log(&a_log, "partition ready", 4);
-    produce(&topics.requests, &records).await;
+    produce_unbatched(&topics.requests, &records).await;
     // B joins while A has batches in flight: a clean hand-over.
     wait_for_log(&a_log, "batch submitted", 4);
     let b = Process::start(&config("b"), None, dir.path().join("b.log"));
@@ -422,7 +422,7 @@ async fn chaos() {
         .map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap())
         .collect();
     let mut running = vec![start(dir.path()), start(dir.path())];
-    produce(&topics.requests, &records).await;
+    produce_unbatched(&topics.requests, &records).await;
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     for kill in 1..=3 {
         wait_for_count(&topics.results, n * kill / 5, RESULT_TIMEOUT);

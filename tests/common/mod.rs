@@ -165,10 +165,24 @@ impl Produce {
 
 /// Produces every record, in order, and waits for their deliveries.
 pub async fn produce(topic: &str, records: &[Produce]) {
+    produce_with(topic, records, "10000").await
+}
+
+/// Produces each record in a record batch of its own. Tansu answers a fetch
+/// from an offset inside a multi-record batch with the batch after it (or
+/// nothing, inside the last one), so a consumer restarted from a committed
+/// offset mid-batch never sees the rest of that batch. Tests that restart
+/// consumers produce their input this way; real Kafka needs no such care.
+pub async fn produce_unbatched(topic: &str, records: &[Produce]) {
+    produce_with(topic, records, "1").await
+}
+
+async fn produce_with(topic: &str, records: &[Produce], batch_messages: &str) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        .set("batch.num.messages", batch_messages)
         .create()
         .unwrap();
     let mut pending = Vec::with_capacity(records.len());
