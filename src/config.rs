@@ -221,6 +221,16 @@ pub struct RetryConfig {
     pub max_backoff: Duration,
 }
 
+impl RetryConfig {
+    /// The wait before retry number `attempt`: `initial_backoff` doubled per
+    /// attempt, capped at `max_backoff`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        self.initial_backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.max_backoff)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -751,6 +761,15 @@ mod tests {
             "tok-secret-value"
         );
         assert!(!format!("{cfg:?}").contains("tok-secret-value"));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let retry = Config::load_from(None, env(&[])).unwrap().retry;
+        assert_eq!(retry.backoff(0), retry.initial_backoff);
+        assert_eq!(retry.backoff(1), retry.initial_backoff * 2);
+        assert_eq!(retry.backoff(3), retry.initial_backoff * 8);
+        assert_eq!(retry.backoff(40), retry.max_backoff);
     }
 
     #[test]

@@ -761,12 +761,7 @@ impl Ingest {
                 }
             }
         }
-        if !self
-            .offsets
-            .lock()
-            .expect("offset tracker lock")
-            .track(partition, offset)
-        {
+        if !self.track(partition, offset) {
             return Ok(());
         }
         self.metrics.request_consumed();
@@ -854,12 +849,7 @@ impl Ingest {
         outputs: &IngestOutputs,
     ) -> Result<(), IngestError> {
         let (partition, offset) = (m.partition(), m.offset());
-        if !self
-            .offsets
-            .lock()
-            .expect("offset tracker lock")
-            .track(partition, offset)
-        {
+        if !self.track(partition, offset) {
             return Ok(());
         }
         let Some(Part::Ready(recovery)) = self.parts.get_mut(&partition) else {
@@ -1107,6 +1097,14 @@ impl Ingest {
             |e| tracing::error!(batch = %record.id, error = %e, "opening a spool file failed"),
         )
         .ok()
+    }
+
+    /// Records that `offset` was read; `false` for a re-delivery.
+    fn track(&self, partition: i32, offset: i64) -> bool {
+        self.offsets
+            .lock()
+            .expect("offset tracker lock")
+            .track(partition, offset)
     }
 
     fn ready(&self) -> Vec<i32> {

@@ -195,12 +195,7 @@ async fn submit(
     batch: &SealedBatch,
     abandon: &CancellationToken,
 ) -> Submission {
-    let backoff = |attempt: u32| {
-        ctx.retry
-            .initial_backoff
-            .saturating_mul(1 << attempt.min(16))
-            .min(ctx.retry.max_backoff)
-    };
+    let backoff = |attempt: u32| ctx.retry.backoff(attempt);
     let mut upload_attempt = 0;
     'upload: loop {
         if abandon.is_cancelled() {
@@ -350,11 +345,7 @@ async fn resolve_ambiguous(
             Err(e) => {
                 tracing::warn!(provider = provider.name(), batch = %batch.id, error = %e, "lookup failed; retrying");
                 attempt += 1;
-                let wait = ctx
-                    .retry
-                    .initial_backoff
-                    .saturating_mul(1 << attempt.min(16))
-                    .min(ctx.retry.max_backoff);
+                let wait = ctx.retry.backoff(attempt);
                 if !sleep_or_abandon(wait, abandon).await {
                     return None;
                 }
@@ -518,11 +509,7 @@ async fn record(
             Err(e) => {
                 tracing::warn!(batch = %batch.id, phase = phase.as_str(), error = %e, "journal write failed; retrying");
                 attempt += 1;
-                let wait = ctx
-                    .retry
-                    .initial_backoff
-                    .saturating_mul(1 << attempt.min(16))
-                    .min(ctx.retry.max_backoff);
+                let wait = ctx.retry.backoff(attempt);
                 if !sleep_or_abandon(wait, abandon).await {
                     return false;
                 }
@@ -774,11 +761,7 @@ async fn finish(
             Err(e) => {
                 tracing::error!(batch = %batch.id, error = %e, "publishing results failed; retrying");
                 attempt += 1;
-                let wait = ctx
-                    .retry
-                    .initial_backoff
-                    .saturating_mul(1 << attempt.min(16))
-                    .min(ctx.retry.max_backoff);
+                let wait = ctx.retry.backoff(attempt);
                 if !sleep_or_abandon(wait, abandon).await {
                     return false;
                 }
