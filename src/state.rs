@@ -9,7 +9,7 @@
 //! tombstoned once a confirmed commit has passed all their offsets.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
@@ -44,6 +44,8 @@ struct Written {
 
 struct Owned {
     epoch: String,
+    /// Where the claim landed in the state partition.
+    claimed_at: i64,
     /// Cancelled when the partition is given up: its batch tasks stop.
     revoked: CancellationToken,
     batches: HashMap<String, Written>,
@@ -53,6 +55,8 @@ struct Owned {
 pub struct Journal {
     producer: FutureProducer,
     topic: String,
+    /// What a reader of the state topic needs.
+    reader: Arc<ReaderConfig>,
     owned: Mutex<HashMap<i32, Owned>>,
 }
 
@@ -77,6 +81,7 @@ impl Journal {
         Ok(Journal {
             producer: client.create().map_err(StateError::Client)?,
             topic: cfg.topics.state.clone(),
+            reader: Arc::new(ReaderConfig::new(cfg)),
             owned: Mutex::new(HashMap::new()),
         })
     }
@@ -95,11 +100,12 @@ impl Journal {
             time_ms: now_ms(),
             body: Body::Claim,
         };
-        self.send(p, &record.key(p), Some(&record)).await?;
+        let claimed_at = self.send(p, &record.key(p), Some(&record)).await?;
         self.owned.lock().expect("journal lock").insert(
             p,
             Owned {
                 epoch: epoch.clone(),
+                claimed_at,
                 revoked: CancellationToken::new(),
                 batches: HashMap::new(),
             },
@@ -143,7 +149,7 @@ impl Journal {
         p: i32,
         epoch: &str,
         batch: BatchRecord,
-    ) -> Result<(), StateError> {
+    ) -> Result<i64, StateError> {
         if !self.owns(p, epoch) {
             return Err(StateError::NotOwner(p));
         }
@@ -155,7 +161,7 @@ impl Journal {
             body: Body::Batch(Box::new(batch)),
         };
         let key = record.key(p);
-        self.send(p, &key, Some(&record)).await?;
+        let offset = self.send(p, &key, Some(&record)).await?;
         let mut owned = self.owned.lock().expect("journal lock");
         let Some(o) = owned.get_mut(&p).filter(|o| o.epoch == epoch) else {
             return Err(StateError::NotOwner(p));
@@ -167,7 +173,34 @@ impl Journal {
         });
         written.keys.push(key);
         written.done |= phase == Phase::Done;
-        Ok(())
+        Ok(offset)
+    }
+
+    /// Confirms that the record at `offset` in state partition `p` is not
+    /// void: no other owner claimed `p` between this owner's claim and it
+    /// (DESIGN.md "Ownership and claims"). The in-process ownership map
+    /// knows only of revocations this instance was told about; an instance
+    /// whose session expired without its knowing (a zombie) learns here
+    /// that it lost the partition, before a create it must not send.
+    /// `Ok(false)`: lost.
+    pub async fn confirm(&self, p: i32, epoch: &str, offset: i64) -> Result<bool, StateError> {
+        let claimed_at = {
+            let owned = self.owned.lock().expect("journal lock");
+            match owned.get(&p) {
+                Some(o) if o.epoch == epoch => o.claimed_at,
+                _ => return Ok(false),
+            }
+        };
+        let (cfg, epoch) = (self.reader.clone(), epoch.to_owned());
+        tokio::task::spawn_blocking(move || {
+            other_claim_between(&cfg, p, &epoch, claimed_at, offset)
+        })
+        .await
+        .map_err(|e| StateError::Read {
+            partition: p,
+            message: e.to_string(),
+        })?
+        .map(|other| !other)
     }
 
     /// After a confirmed commit of `committed` on `p`: writes it as a mark,
@@ -231,7 +264,9 @@ impl Journal {
         }
     }
 
-    async fn send(&self, p: i32, key: &str, record: Option<&Record>) -> Result<(), StateError> {
+    /// Sends one record to partition `p` and waits for the broker's
+    /// acknowledgement; returns its offset.
+    async fn send(&self, p: i32, key: &str, record: Option<&Record>) -> Result<i64, StateError> {
         let payload = record.map(|r| serde_json::to_vec(r).expect("records serialise"));
         let mut out: FutureRecord<'_, str, Vec<u8>> =
             FutureRecord::to(&self.topic).partition(p).key(key);
@@ -241,13 +276,84 @@ impl Journal {
         self.producer
             .send(out, Duration::from_secs(30))
             .await
-            .map(|_| ())
+            .map(|delivery| delivery.offset)
             .map_err(|(e, _)| StateError::Write(e))
     }
 
     pub fn flush(&self, timeout: Duration) {
         let _ = self.producer.flush(timeout);
     }
+}
+
+/// A consumer configuration for reading the state topic outside the group.
+struct ReaderConfig {
+    client: ClientConfig,
+    topic: String,
+}
+
+impl ReaderConfig {
+    fn new(cfg: &Config) -> ReaderConfig {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &cfg.kafka.brokers)
+            .set("group.id", format!("{}.state-reader", cfg.kafka.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest");
+        for (k, v) in &cfg.kafka.consumer {
+            client.set(k, v);
+        }
+        client.set("statistics.interval.ms", "0");
+        ReaderConfig {
+            client,
+            topic: cfg.topics.state.clone(),
+        }
+    }
+}
+
+/// Whether a claim of another epoch lies in state partition `p` after
+/// `from` and before `upto`. Blocking.
+fn other_claim_between(
+    cfg: &ReaderConfig,
+    p: i32,
+    epoch: &str,
+    from: i64,
+    upto: i64,
+) -> Result<bool, StateError> {
+    let read_err = |message: String| StateError::Read {
+        partition: p,
+        message,
+    };
+    let consumer: BaseConsumer = cfg.client.create().map_err(StateError::Client)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&cfg.topic, p, Offset::Offset(from + 1))
+        .map_err(|e| read_err(e.to_string()))?;
+    consumer.assign(&tpl).map_err(|e| read_err(e.to_string()))?;
+    let claim_prefix = format!("{p}/claim/");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut next = from + 1;
+    while next < upto {
+        if Instant::now() >= deadline {
+            return Err(read_err(format!(
+                "confirming a record: offset {upto} not reached (at {next})"
+            )));
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m.map_err(|e| read_err(e.to_string()))?;
+        next = m.offset() + 1;
+        if m.offset() >= upto {
+            break;
+        }
+        let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
+        if let Some(other) = key.strip_prefix(&claim_prefix) {
+            if other != epoch {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// A state partition read back up to the reader's own claim.

@@ -193,6 +193,7 @@ async fn submit(
     ctx: &BatchContext,
     provider: &dyn Provider,
     batch: &SealedBatch,
+    intent_at: Option<i64>,
     abandon: &CancellationToken,
 ) -> Submission {
     let backoff = |attempt: u32| ctx.retry.backoff(attempt);
@@ -223,22 +224,30 @@ async fn submit(
                 continue 'upload;
             }
         };
-        if file_id.is_some()
-            && !record(
-                ctx,
-                batch,
-                Phase::Uploaded,
-                Phased {
-                    file_id: file_id.as_deref(),
-                    ..Phased::default()
-                },
-                abandon,
-            )
-            .await
-        {
-            delete_file(provider, file_id.as_deref()).await;
-            return Submission::Abandoned;
-        }
+        // The record that allows the create: `uploaded` with a file, the
+        // batch's `intent` without one (Anthropic).
+        let allowed_at = match (&file_id, intent_at) {
+            (Some(_), _) | (None, None) => {
+                let (phase, extra) = match &file_id {
+                    Some(_) => (
+                        Phase::Uploaded,
+                        Phased {
+                            file_id: file_id.as_deref(),
+                            ..Phased::default()
+                        },
+                    ),
+                    None => (Phase::Intent, Phased::default()),
+                };
+                match record(ctx, batch, phase, extra, abandon).await {
+                    Some(offset) => offset,
+                    None => {
+                        delete_file(provider, file_id.as_deref()).await;
+                        return Submission::Abandoned;
+                    }
+                }
+            }
+            (None, Some(offset)) => offset,
+        };
         crate::crash_point!("after_upload");
         let uploaded_at = Instant::now();
         let mut attempt = 0;
@@ -253,6 +262,30 @@ async fn submit(
             if abandon.is_cancelled() || !ctx.journal.owns(batch.partition, &batch.epoch) {
                 delete_file(provider, file_id.as_deref()).await;
                 return Submission::Abandoned;
+            }
+            // Read the partition back to the allowing record: a claim by
+            // another owner before it means this instance lost the
+            // partition without being told, and must not create.
+            match ctx
+                .journal
+                .confirm(batch.partition, &batch.epoch, allowed_at)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(batch = %batch.id, partition = batch.partition, "another owner claimed the partition; not creating");
+                    delete_file(provider, file_id.as_deref()).await;
+                    return Submission::Abandoned;
+                }
+                Err(e) => {
+                    tracing::warn!(batch = %batch.id, error = %e, "confirming ownership failed; retrying");
+                    attempt += 1;
+                    if !sleep_or_abandon(backoff(attempt), abandon).await {
+                        delete_file(provider, file_id.as_deref()).await;
+                        return Submission::Abandoned;
+                    }
+                    continue;
+                }
             }
             match provider.create(batch, file_id.as_deref()).await {
                 Ok(pb) => {
@@ -322,6 +355,7 @@ async fn record_submitted(
         abandon,
     )
     .await
+    .is_some()
 }
 
 /// Resolves an ambiguous create: delete the input file (so a create still in
@@ -467,16 +501,17 @@ struct Phased<'a> {
 }
 
 /// Writes and confirms a phase of `batch` in the journal before the step it
-/// allows, retrying broker errors. `false` when the batch's partition is no
-/// longer this instance's, or work is abandoned: the batch stops here, and
-/// the partition's next owner carries on from the journal.
+/// allows, retrying broker errors; returns where it landed. `None` when the
+/// batch's partition is no longer this instance's, or work is abandoned:
+/// the batch stops here, and the partition's next owner carries on from the
+/// journal.
 async fn record(
     ctx: &BatchContext,
     batch: &SealedBatch,
     phase: Phase,
     extra: Phased<'_>,
     abandon: &CancellationToken,
-) -> bool {
+) -> Option<i64> {
     let r = RouteRecord {
         provider: batch.route.provider.to_string(),
         model: batch.route.model.to_string(),
@@ -501,17 +536,17 @@ async fn record(
             .write_batch(batch.partition, &batch.epoch, record.clone())
             .await
         {
-            Ok(()) => return true,
+            Ok(offset) => return Some(offset),
             Err(StateError::NotOwner(p)) => {
                 tracing::info!(batch = %batch.id, partition = p, phase = phase.as_str(), "partition handed over; leaving the batch to its new owner");
-                return false;
+                return None;
             }
             Err(e) => {
                 tracing::warn!(batch = %batch.id, phase = phase.as_str(), error = %e, "journal write failed; retrying");
                 attempt += 1;
                 let wait = ctx.retry.backoff(attempt);
                 if !sleep_or_abandon(wait, abandon).await {
-                    return false;
+                    return None;
                 }
             }
         }
@@ -581,12 +616,16 @@ async fn drive_batch(
     };
     // Where this batch starts: planned just now, or found in the journal
     // by a new owner (DESIGN.md "Replay").
+    let mut intent_at = None;
     let mut start = match batch.recovered.as_deref() {
         None => {
-            if !record(&ctx, batch, Phase::Intent, Phased::default(), &abandon).await {
+            let Some(offset) =
+                record(&ctx, batch, Phase::Intent, Phased::default(), &abandon).await
+            else {
                 return;
-            }
+            };
             crate::crash_point!("after_intent");
+            intent_at = Some(offset);
             Start::Submit
         }
         // The create may have been sent: only a lookup can tell.
@@ -602,7 +641,7 @@ async fn drive_batch(
         let submission = match std::mem::replace(&mut start, Start::Submit) {
             Start::Submit => {
                 status.set_phase(BatchPhase::Uploading);
-                submit(&ctx, provider, batch, &abandon).await
+                submit(&ctx, provider, batch, intent_at.take(), &abandon).await
             }
             Start::Resolve(file_id) => {
                 status.set_phase(BatchPhase::Uploading);
@@ -769,7 +808,7 @@ async fn finish(
         }
     };
     let terminal: OffsetSet = batch.offsets.iter().copied().collect();
-    if !record(
+    if record(
         ctx,
         batch,
         Phase::Done,
@@ -780,6 +819,7 @@ async fn finish(
         abandon,
     )
     .await
+    .is_none()
     {
         return false;
     }
