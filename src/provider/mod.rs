@@ -498,6 +498,35 @@ pub fn operation_of(method: &reqwest::Method, path: &str) -> &'static str {
     }
 }
 
+/// The multipart form of a Files API upload (`purpose=batch`) of `batch`'s
+/// spool file, streamed from disk as `<local batch id>.jsonl`. OpenAI and
+/// xAI take the same form.
+pub async fn batch_file_form(
+    op: &str,
+    batch: &SealedBatch,
+) -> Result<reqwest::multipart::Form, ProviderError> {
+    let io_err = |source| ProviderError::Io {
+        op: op.to_owned(),
+        path: batch.input_path.clone(),
+        source,
+    };
+    let file = tokio::fs::File::open(&batch.input_path)
+        .await
+        .map_err(io_err)?;
+    let len = file.metadata().await.map_err(io_err)?.len();
+    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+        file,
+        256 * 1024,
+    ));
+    let part = reqwest::multipart::Part::stream_with_length(body, len)
+        .file_name(format!("{}.jsonl", batch.id))
+        .mime_str("application/jsonl")
+        .expect("static mime type");
+    Ok(reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part("file", part))
+}
+
 /// Unix seconds of the UUIDv7 inside a local batch id `bl-<p>-<uuid>`.
 pub fn local_id_time(local_id: &str) -> Option<i64> {
     let uuid = local_id.splitn(3, '-').nth(2)?;

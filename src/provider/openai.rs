@@ -15,8 +15,8 @@ use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
 
 use super::{
-    local_id_time, BatchError, BatchState, CreateError, HttpClient, LineOutcome, LineResult,
-    Provider, ProviderBatch, ProviderError, RequestCounts,
+    batch_file_form, local_id_time, BatchError, BatchState, CreateError, HttpClient, LineOutcome,
+    LineResult, Provider, ProviderBatch, ProviderError, RequestCounts,
 };
 use crate::config::ProviderKind;
 use crate::model::{ErrorInfo, Status};
@@ -337,37 +337,19 @@ impl Provider for OpenAi {
 
     async fn upload(&self, batch: &SealedBatch) -> Result<Option<String>, ProviderError> {
         let op = format!("uploading batch file for batch {}", batch.id);
-        let file: FileObject =
-            self.http
-                .retrying(&op, || async {
-                    let io_err = |source| ProviderError::Io {
-                        op: op.clone(),
-                        path: batch.input_path.clone(),
-                        source,
-                    };
-                    let file = tokio::fs::File::open(&batch.input_path)
-                        .await
-                        .map_err(io_err)?;
-                    let len = file.metadata().await.map_err(io_err)?.len();
-                    let body = reqwest::Body::wrap_stream(
-                        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024),
-                    );
-                    let part = reqwest::multipart::Part::stream_with_length(body, len)
-                        .file_name(format!("{}.jsonl", batch.id))
-                        .mime_str("application/jsonl")
-                        .expect("static mime type");
-                    let form = reqwest::multipart::Form::new()
-                        .text("purpose", "batch")
-                        .part("file", part);
-                    let req = self
-                        .authed(self.http.client.post(self.http.url("/files")))
-                        .multipart(form);
-                    let resp = self.http.send(&op, req).await?;
-                    resp.json::<FileObject>()
-                        .await
-                        .map_err(|e| self.http.decode_error(&op, e.to_string()))
-                })
-                .await?;
+        let file: FileObject = self
+            .http
+            .retrying(&op, || async {
+                let form = batch_file_form(&op, batch).await?;
+                let req = self
+                    .authed(self.http.client.post(self.http.url("/files")))
+                    .multipart(form);
+                let resp = self.http.send(&op, req).await?;
+                resp.json::<FileObject>()
+                    .await
+                    .map_err(|e| self.http.decode_error(&op, e.to_string()))
+            })
+            .await?;
         Ok(Some(file.id))
     }
 
