@@ -449,7 +449,7 @@ fn replay(
             _ => None,
         });
     let back =
-        state::read_back(cfg, p, &epoch, Duration::from_secs(60)).map_err(|e| e.to_string())?;
+        state::read_back(journal, p, &epoch, Duration::from_secs(60)).map_err(|e| e.to_string())?;
     let replay = &back.replay;
     let resume = replay.resume_point(committed);
     let mut recovery = Recovery {

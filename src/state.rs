@@ -309,6 +309,20 @@ impl ReaderConfig {
             topic: cfg.topics.state.clone(),
         }
     }
+
+    /// A consumer outside the group on state partition `p`, from `from`.
+    fn assign(&self, p: i32, from: Offset) -> Result<BaseConsumer, StateError> {
+        let read_err = |e: KafkaError| StateError::Read {
+            partition: p,
+            message: e.to_string(),
+        };
+        let consumer: BaseConsumer = self.client.create().map_err(StateError::Client)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, p, from)
+            .map_err(read_err)?;
+        consumer.assign(&tpl).map_err(read_err)?;
+        Ok(consumer)
+    }
 }
 
 /// Whether a claim of another epoch lies in state partition `p` after
@@ -324,11 +338,7 @@ fn other_claim_between(
         partition: p,
         message,
     };
-    let consumer: BaseConsumer = cfg.client.create().map_err(StateError::Client)?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&cfg.topic, p, Offset::Offset(from + 1))
-        .map_err(|e| read_err(e.to_string()))?;
-    consumer.assign(&tpl).map_err(|e| read_err(e.to_string()))?;
+    let consumer = cfg.assign(p, Offset::Offset(from + 1))?;
     let claim_prefix = format!("{p}/claim/");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut next = from + 1;
@@ -367,7 +377,7 @@ pub struct ReadBack {
 /// (which must already be written), with a consumer outside the group, and
 /// folds it. Blocking.
 pub fn read_back(
-    cfg: &Config,
+    journal: &Journal,
     p: i32,
     epoch: &str,
     timeout: Duration,
@@ -376,21 +386,7 @@ pub fn read_back(
         partition: p,
         message,
     };
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", format!("{}.state-reader", cfg.kafka.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "earliest");
-    for (k, v) in &cfg.kafka.consumer {
-        client.set(k, v);
-    }
-    let consumer: BaseConsumer = client.create().map_err(StateError::Client)?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&cfg.topics.state, p, Offset::Beginning)
-        .map_err(|e| read_err(e.to_string()))?;
-    consumer.assign(&tpl).map_err(|e| read_err(e.to_string()))?;
+    let consumer = journal.reader.assign(p, Offset::Beginning)?;
     let claim_key = format!("{p}/claim/{epoch}");
     let mut records: Vec<Option<Record>> = Vec::new();
     let mut keys: HashMap<String, Vec<String>> = HashMap::new();
