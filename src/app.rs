@@ -20,6 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budget;
 use crate::collector::Pricing;
 use crate::config::{BatchConfig, Config, RetryConfig};
 use crate::health::Readiness;
@@ -86,6 +87,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
     let offsets = Arc::new(Mutex::new(OffsetTracker::new()));
     let backlog = Arc::new(Backlog::default());
     let status = Registry::new();
+    let budget = Arc::new(Budget::new(
+        cfg.budget.max_usd_per_day,
+        cfg.budget.default_output_tokens,
+        metrics.clone(),
+    ));
 
     let mut providers = HashMap::new();
     for (name, p) in &cfg.providers {
@@ -120,6 +126,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
         journal: journal.clone(),
         known_batches: Default::default(),
         status: status.clone(),
+        budget: budget.clone(),
     });
 
     let http_listener = tokio::net::TcpListener::bind(&cfg.http.listen)
@@ -135,6 +142,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
             metrics.clone(),
             readiness.clone(),
             status,
+            budget.clone(),
             cfg.http.token.clone(),
         ),
         http_stop.clone(),
@@ -147,6 +155,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
         journal.clone(),
         offsets.clone(),
         backlog.clone(),
+        budget,
         metrics.clone(),
         readiness.clone(),
     )?;

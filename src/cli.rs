@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::budget::{BudgetUpdate, BudgetView};
 use crate::config::ApiKey;
 use crate::status::{BatchList, BatchPhase, BatchView, CancelAccepted};
 
@@ -78,6 +79,15 @@ impl StatusApi {
         url
     }
 
+    fn budget_url(&self) -> reqwest::Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("checked in new()")
+            .pop_if_empty()
+            .extend(["v1", "budget"]);
+        url
+    }
+
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
         request: reqwest::RequestBuilder,
@@ -125,6 +135,42 @@ impl StatusApi {
         let accepted: CancelAccepted = self.call(self.client.post(url.clone()), &url).await?;
         Ok(accepted.batch)
     }
+
+    /// `GET /v1/budget`.
+    pub async fn budget(&self) -> Result<BudgetView, StatusApiError> {
+        let url = self.budget_url();
+        self.call(self.client.get(url.clone()), &url).await
+    }
+
+    /// `PUT /v1/budget`.
+    pub async fn set_budget(
+        &self,
+        max_usd_per_day: Option<f64>,
+    ) -> Result<BudgetView, StatusApiError> {
+        let url = self.budget_url();
+        let update = BudgetUpdate { max_usd_per_day };
+        self.call(self.client.put(url.clone()).json(&update), &url)
+            .await
+    }
+}
+
+/// What `batchline budget` prints.
+pub fn format_budget(b: &BudgetView) -> String {
+    let cap = match b.max_usd_per_day {
+        Some(max) => format!("{max:.2} USD a day"),
+        None => "no daily cap".to_owned(),
+    };
+    let mut out = format!(
+        "budget: {cap}\n{}: spent {:.4} USD, reserved {:.4} USD for batches in flight\n",
+        b.day, b.spent_usd, b.reserved_usd
+    );
+    if b.held_batches > 0 {
+        out.push_str(&format!(
+            "{} batch(es) wait for the budget; consumption is paused until {} or until the cap is raised\n",
+            b.held_batches, b.resets_at
+        ));
+    }
+    out
 }
 
 /// `e` and its causes ("error sending request: ...: Connection refused"),

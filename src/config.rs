@@ -259,10 +259,27 @@ fn default_discount() -> f64 {
     0.5
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetConfig {
     pub max_usd_per_day: Option<f64>,
+    /// Output tokens assumed, in the estimate, for a request that sets no
+    /// `max_tokens` (or `max_completion_tokens`, `max_output_tokens`).
+    #[serde(default = "default_output_tokens")]
+    pub default_output_tokens: u64,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig {
+            max_usd_per_day: None,
+            default_output_tokens: default_output_tokens(),
+        }
+    }
+}
+
+fn default_output_tokens() -> u64 {
+    4096
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -575,6 +592,14 @@ impl Config {
                         "must lie between 0 and 1",
                     ));
                 }
+            }
+        }
+        if let Some(max) = self.budget.max_usd_per_day {
+            if !max.is_finite() || max < 0.0 {
+                return Err(invalid(
+                    "budget.max_usd_per_day",
+                    "must be a number of US dollars of at least 0",
+                ));
             }
         }
         if self.retry.max_attempts == 0 {

@@ -32,6 +32,8 @@ pub struct Facts {
     pub failing_providers: BTreeSet<String>,
     /// Misconfigured topics found at start-up, each a sentence.
     pub topic_problems: Vec<String>,
+    /// Why submission waits for the daily budget, while it does.
+    pub budget_held: Option<String>,
     pub shutting_down: bool,
 }
 
@@ -65,6 +67,9 @@ impl Facts {
             reasons.push(format!("provider {provider}: credentials or quota refused"));
         }
         reasons.extend(self.topic_problems.iter().cloned());
+        if let Some(why) = &self.budget_held {
+            reasons.push(format!("budget: {why}"));
+        }
         reasons
     }
 }
@@ -161,6 +166,11 @@ impl Readiness {
 
     pub fn topic_problem(&self, problem: String) {
         self.update(|f| f.topic_problems.push(problem));
+    }
+
+    /// Submission waits for the budget (`Some(why)`), or no longer does.
+    pub fn budget_held(&self, why: Option<String>) {
+        self.update(|f| f.budget_held = why);
     }
 
     pub fn shutting_down(&self) {

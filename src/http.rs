@@ -2,7 +2,9 @@
 //! alive), `/readyz` (it is doing its work: 200 `ready`, or 503 with the
 //! reasons as JSON), and the status API over this instance's in-flight
 //! batches: `GET /v1/batches`, `GET /v1/batches/{id}` and
-//! `POST /v1/batches/{id}/cancel`. Bound to loopback by default.
+//! `POST /v1/batches/{id}/cancel`, and the daily budget: `GET /v1/budget`
+//! and `PUT /v1/budget` (`{"max_usd_per_day": 250.0}`, or `null` for no
+//! cap). Bound to loopback by default.
 //!
 //! When a token is configured (`http.token_env`), every `/v1/*` route
 //! requires `Authorization: Bearer <token>`; metrics and health stay open.
@@ -18,6 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{Budget, BudgetUpdate};
 use crate::config::ApiKey;
 use crate::health::Readiness;
 use crate::metrics::Metrics;
@@ -28,6 +31,7 @@ struct HttpState {
     metrics: Metrics,
     readiness: Readiness,
     batches: Registry,
+    budget: Arc<Budget>,
     token: Option<Arc<ApiKey>>,
 }
 
@@ -36,18 +40,21 @@ pub fn router(
     metrics: Metrics,
     readiness: Readiness,
     batches: Registry,
+    budget: Arc<Budget>,
     token: Option<ApiKey>,
 ) -> Router {
     let state = HttpState {
         metrics,
         readiness,
         batches,
+        budget,
         token: token.map(Arc::new),
     };
     let status_api = Router::new()
         .route("/v1/batches", get(list_batches))
         .route("/v1/batches/{id}", get(get_batch))
         .route("/v1/batches/{id}/cancel", post(cancel_batch))
+        .route("/v1/budget", get(get_budget).put(set_budget))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(render_metrics))
@@ -139,10 +146,32 @@ async fn get_batch(State(state): State<HttpState>, Path(id): Path<String>) -> Re
 async fn cancel_batch(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
     match state.batches.request_cancel(&id) {
         Ok(batch) => {
+            state.metrics.cancel_requested(&batch.provider);
             tracing::info!(batch = %batch.id, provider = %batch.provider, provider_batch = batch.provider_batch_id.as_deref().unwrap_or_default(), "cancel requested through the status API");
             (StatusCode::ACCEPTED, Json(CancelAccepted { batch })).into_response()
         }
         Err(e) => refused(e),
+    }
+}
+
+async fn get_budget(State(state): State<HttpState>) -> Response {
+    Json(state.budget.view()).into_response()
+}
+
+async fn set_budget(State(state): State<HttpState>, body: axum::body::Bytes) -> Response {
+    let update: BudgetUpdate = match serde_json::from_slice(&body) {
+        Ok(u) => u,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("expected {{\"max_usd_per_day\": <number or null>}}: {e}"),
+            )
+        }
+    };
+    match state.budget.set_limit(update.max_usd_per_day) {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => api_error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
     }
 }
 
@@ -194,7 +223,8 @@ mod tests {
         let batches = Registry::new();
         let metrics = Metrics::new();
         let readiness = metrics.readiness().clone();
-        let (url, stop) = spawn(router(metrics, readiness, batches.clone(), None)).await;
+        let budget = Arc::new(Budget::new(None, 1000, metrics.clone()));
+        let (url, stop) = spawn(router(metrics, readiness, batches.clone(), budget, None)).await;
         let client = reqwest::Client::new();
         let get = |path: &str| client.get(format!("{url}{path}"));
         let cancel = |id: &str| client.post(format!("{url}/v1/batches/{id}/cancel"));
@@ -259,15 +289,17 @@ mod tests {
         let metrics = Metrics::new();
         let readiness = metrics.readiness().clone();
         readiness.partition_ready(0);
+        let budget = Arc::new(Budget::new(None, 1000, metrics.clone()));
         let (url, stop) = spawn(router(
             metrics,
             readiness,
             batches,
+            budget,
             Some(ApiKey::new(token)),
         ))
         .await;
         let client = reqwest::Client::new();
-        for path in ["/v1/batches", "/v1/batches/bl-0-a"] {
+        for path in ["/v1/batches", "/v1/batches/bl-0-a", "/v1/budget"] {
             let resp = client.get(format!("{url}{path}")).send().await.unwrap();
             assert_eq!(resp.headers()[header::WWW_AUTHENTICATE.as_str()], "Bearer");
             let (status, body) = (resp.status().as_u16(), resp.text().await.unwrap());
@@ -293,6 +325,13 @@ mod tests {
         }
         let (status, _) = call(client.post(format!("{url}/v1/batches/bl-0-a/cancel"))).await;
         assert_eq!(status, 401);
+        let (status, _) = call(
+            client
+                .put(format!("{url}/v1/budget"))
+                .json(&serde_json::json!({"max_usd_per_day": 1e9})),
+        )
+        .await;
+        assert_eq!(status, 401);
         for open in ["/metrics", "/healthz", "/readyz"] {
             let resp = client.get(format!("{url}{open}")).send().await.unwrap();
             assert_eq!(resp.status().as_u16(), 200, "{open}");
@@ -304,10 +343,12 @@ mod tests {
     async fn readyz_answers_503_with_the_reasons_until_ready() {
         let metrics = Metrics::new();
         let readiness = metrics.readiness().clone();
+        let budget = Arc::new(Budget::new(None, 1000, metrics.clone()));
         let (url, stop) = spawn(router(
             metrics.clone(),
             readiness.clone(),
             Registry::new(),
+            budget,
             Some(ApiKey::new("tok-1234567890")),
         ))
         .await;
@@ -343,6 +384,59 @@ mod tests {
         metrics.route_ok("openai");
         assert_eq!(readyz().await, (200, "ready\n".to_owned()));
         assert!(metrics.render().contains("batchline_ready 1"));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_budget_api_shows_and_changes_the_cap() {
+        let metrics = Metrics::new();
+        let budget = Arc::new(Budget::new(Some(5.0), 1000, metrics.clone()));
+        let (url, stop) = spawn(router(
+            metrics.clone(),
+            metrics.readiness().clone(),
+            Registry::new(),
+            budget.clone(),
+            None,
+        ))
+        .await;
+        let client = reqwest::Client::new();
+        let put = |body: &str| {
+            client
+                .put(format!("{url}/v1/budget"))
+                .header("content-type", "application/json")
+                .body(body.to_owned())
+        };
+
+        let (status, body) = call(client.get(format!("{url}/v1/budget"))).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["max_usd_per_day"], 5.0);
+        assert_eq!(body["spent_usd"], 0.0);
+        assert!(
+            body["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"),
+            "{body}"
+        );
+
+        let (status, body) = call(put(r#"{"max_usd_per_day": 12.5}"#)).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["max_usd_per_day"], 12.5);
+        assert_eq!(budget.view().max_usd_per_day, Some(12.5));
+        assert!(metrics.render().contains("batchline_budget_limit_usd 12.5"));
+
+        for bad in [
+            r#"{"max_usd_per_day": -3}"#,
+            r#"{"max": 3}"#,
+            "{}",
+            "nonsense",
+        ] {
+            let (status, body) = call(put(bad)).await;
+            assert_eq!(status, 400, "{bad}");
+            assert_eq!(body["error"]["type"], "invalid_request");
+        }
+        assert_eq!(budget.view().max_usd_per_day, Some(12.5));
+
+        let (status, body) = call(put(r#"{"max_usd_per_day": null}"#)).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["max_usd_per_day"], serde_json::Value::Null);
         stop.cancel();
     }
 }

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budget;
 use crate::config::{Config, ProviderKind, RouteLimits};
 use crate::health::Readiness;
 use crate::journal::{BatchRecord, OffsetSet, Phase};
@@ -556,6 +557,7 @@ pub struct Ingest {
     router: Router,
     offsets: Arc<Mutex<OffsetTracker>>,
     backlog: Arc<Backlog>,
+    budget: Arc<Budget>,
     metrics: Metrics,
     readiness: Readiness,
     max_held_requests: u64,
@@ -570,6 +572,7 @@ impl Ingest {
         journal: Arc<Journal>,
         offsets: Arc<Mutex<OffsetTracker>>,
         backlog: Arc<Backlog>,
+        budget: Arc<Budget>,
         metrics: Metrics,
         readiness: Readiness,
     ) -> Result<Ingest, IngestError> {
@@ -625,6 +628,7 @@ impl Ingest {
             router: Router::new(cfg),
             offsets,
             backlog,
+            budget,
             metrics,
             readiness,
             max_held_requests: cfg.limits.max_held_requests,
@@ -1143,17 +1147,24 @@ impl Ingest {
         self.paused = true;
     }
 
+    /// Pauses consumption while too much work is held or a batch waits for
+    /// the budget; resumes below 80 % of the limits once none waits.
     fn apply_backpressure(&mut self) {
         let (requests, bytes) = (self.backlog.requests(), self.backlog.bytes());
-        if !self.paused && (requests >= self.max_held_requests || bytes >= self.max_spool_bytes) {
-            tracing::info!(
-                requests,
-                bytes,
-                "holding too much work; pausing consumption"
-            );
+        let budget = self.budget.holding();
+        if !self.paused
+            && (budget || requests >= self.max_held_requests || bytes >= self.max_spool_bytes)
+        {
+            let why = if budget {
+                "a batch waits for the daily budget"
+            } else {
+                "holding too much work"
+            };
+            tracing::info!(requests, bytes, "{why}; pausing consumption");
             self.pause_all();
             self.metrics.consumer_paused(true);
         } else if self.paused
+            && !budget
             && requests * 5 < self.max_held_requests * 4
             && bytes * 5 < self.max_spool_bytes * 4
         {

@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod budget;
 pub mod cli;
 pub mod collector;
 pub mod config;

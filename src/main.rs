@@ -67,6 +67,18 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Show a running instance's daily budget and spend, or change its cap.
+    Budget {
+        /// A new cap in USD a day (held batches are submitted when they fit).
+        #[arg(long, conflicts_with = "unset")]
+        set: Option<f64>,
+        /// Remove the cap.
+        #[arg(long)]
+        unset: bool,
+        /// The status API (default: http://<http.listen>).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -298,6 +310,19 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 batchline::cli::format_cancelled(&api.cancel(&id).await?)
             );
+            Ok(())
+        }
+        Command::Budget { set, unset, url } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            init_logging(format(cfg.log.format));
+            let url = url.unwrap_or_else(|| batchline::cli::default_url(&cfg.http.listen));
+            let api = batchline::cli::StatusApi::new(&url, cfg.http.token.clone())?;
+            let view = match (set, unset) {
+                (Some(max), _) => api.set_budget(Some(max)).await?,
+                (None, true) => api.set_budget(None).await?,
+                (None, false) => api.budget().await?,
+            };
+            print!("{}", batchline::cli::format_budget(&view));
             Ok(())
         }
     }

@@ -39,11 +39,16 @@ pub struct Metrics {
     commit_lag: Histogram,
     journal_replay: Histogram,
     orphans: IntCounterVec,
+    cancels_requested: IntCounterVec,
     provider_requests: IntCounterVec,
     provider_request_duration: HistogramVec,
     ready: IntGauge,
     input_retention_short: IntGauge,
     consumer_lag: IntGaugeVec,
+    budget_limit: prometheus::Gauge,
+    budget_spent: prometheus::Gauge,
+    budget_reserved: prometheus::Gauge,
+    budget_held: IntGauge,
     /// Read at each scrape for `batchline_ready`; a failing route is
     /// recorded in it too.
     readiness: Readiness,
@@ -58,6 +63,13 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn float_gauge(r: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+    let g = prometheus::Gauge::new(name, help).expect("valid metric");
     r.register(Box::new(g.clone()))
         .expect("metric registered once");
     g
@@ -254,7 +266,7 @@ impl Metrics {
             consumer_paused: gauge(
                 &r,
                 "batchline_consumer_paused",
-                "1 while consumption is paused for backpressure.",
+                "1 while consumption is paused, for backpressure or for the budget.",
             ),
             commit_lag,
             journal_replay,
@@ -262,6 +274,12 @@ impl Metrics {
                 &r,
                 "batchline_orphan_batches_total",
                 "Provider batches found for work already finished, cancelled at once.",
+                &["provider"],
+            ),
+            cancels_requested: counter_vec(
+                &r,
+                "batchline_cancels_requested_total",
+                "Batch cancels accepted through the status API.",
                 &["provider"],
             ),
             provider_requests: counter_vec(
@@ -289,6 +307,26 @@ impl Metrics {
                 &r,
                 "batchline_input_retention_short",
                 "1 when the input topic's retention.ms is shorter than a request's longest life, or retention.bytes is set.",
+            ),
+            budget_limit: float_gauge(
+                &r,
+                "batchline_budget_limit_usd",
+                "budget.max_usd_per_day in force (0 when there is no cap).",
+            ),
+            budget_spent: float_gauge(
+                &r,
+                "batchline_budget_spent_usd",
+                "Cost of the results collected by this instance since 00:00 UTC.",
+            ),
+            budget_reserved: float_gauge(
+                &r,
+                "batchline_budget_reserved_usd",
+                "Estimated cost of the batches admitted by this instance and not yet collected.",
+            ),
+            budget_held: gauge(
+                &r,
+                "batchline_budget_held_batches",
+                "Batches waiting for the daily budget before they are submitted.",
             ),
             consumer_lag: gauge_vec(
                 &r,
@@ -336,6 +374,10 @@ impl Metrics {
 
     pub fn journal_replayed(&self, took: Duration) {
         self.journal_replay.observe(took.as_secs_f64());
+    }
+
+    pub fn cancel_requested(&self, provider: &str) {
+        self.cancels_requested.with_label_values(&[provider]).inc();
     }
 
     pub fn orphan_batch(&self, provider: &str) {
@@ -419,6 +461,14 @@ impl Metrics {
     }
 
     /// The start-up check of the input topic's retention settings.
+    /// The budget's figures, after every change.
+    pub fn budget(&self, limit: Option<f64>, spent: f64, reserved: f64, held: usize) {
+        self.budget_limit.set(limit.unwrap_or(0.0));
+        self.budget_spent.set(spent);
+        self.budget_reserved.set(reserved);
+        self.budget_held.set(held as i64);
+    }
+
     pub fn input_retention_short(&self, short: bool) {
         self.input_retention_short.set(short as i64);
     }

@@ -66,6 +66,43 @@ pub enum PackError {
     Io { path: PathBuf, source: io::Error },
 }
 
+/// The output tokens a batch's requests may produce at most, for the
+/// budget's estimate: the sum of the caps requests set, and how many set
+/// none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputCaps {
+    pub tokens: u64,
+    pub uncapped: u64,
+}
+
+impl OutputCaps {
+    /// Adds one request of `endpoint`: its `max_tokens`,
+    /// `max_completion_tokens` or `max_output_tokens`, times `n`.
+    /// Embeddings produce no output tokens.
+    fn add(&mut self, endpoint: &str, body: &RawValue) {
+        #[derive(Deserialize)]
+        struct Caps {
+            max_tokens: Option<u64>,
+            max_completion_tokens: Option<u64>,
+            max_output_tokens: Option<u64>,
+            n: Option<u64>,
+        }
+        if endpoint.ends_with("/embeddings") {
+            return;
+        }
+        let caps: Option<Caps> = serde_json::from_str(body.get()).ok();
+        let choices = caps.as_ref().and_then(|c| c.n).unwrap_or(1).max(1);
+        match caps.and_then(|c| {
+            c.max_completion_tokens
+                .or(c.max_output_tokens)
+                .or(c.max_tokens)
+        }) {
+            Some(cap) => self.tokens += cap.saturating_mul(choices),
+            None => self.uncapped += choices,
+        }
+    }
+}
+
 fn hash_custom_id(id: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(id.as_bytes())
 }
@@ -84,6 +121,7 @@ pub struct SealedBatch {
     /// One [`RequestMeta`] line per request, in input order.
     pub meta_path: PathBuf,
     pub input_bytes: u64,
+    pub output_caps: OutputCaps,
     /// Input offsets, in request order.
     pub offsets: Vec<i64>,
     /// `meta_pos[i]..meta_pos[i + 1]` is request i's line in the side file.
@@ -148,6 +186,7 @@ struct Window {
     input: BufWriter<File>,
     meta: BufWriter<File>,
     input_bytes: u64,
+    output_caps: OutputCaps,
     offsets: Vec<i64>,
     meta_pos: Vec<u64>,
     index: HashMap<u64, u32>,
@@ -194,6 +233,7 @@ impl Window {
             input_path,
             meta_path,
             input_bytes: 0,
+            output_caps: OutputCaps::default(),
             offsets: Vec::new(),
             meta_pos: vec![0],
             index: HashMap::new(),
@@ -228,6 +268,7 @@ impl Window {
             .write_all(&meta_line)
             .map_err(io_err(&self.meta_path))?;
         self.input_bytes += line.len() as u64;
+        self.output_caps.add(self.route.endpoint, req.body);
         let end = self.meta_pos.last().copied().unwrap_or(0) + meta_line.len() as u64;
         self.meta_pos.push(end);
         self.index
@@ -253,6 +294,7 @@ impl Window {
             input_path: self.input_path,
             meta_path: self.meta_path,
             input_bytes: self.input_bytes,
+            output_caps: self.output_caps,
             offsets: self.offsets,
             meta_pos: self.meta_pos,
             index: self.index,
@@ -635,5 +677,43 @@ mod tests {
         let held = p.discard_partition(0);
         assert_eq!(held.requests, 1);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn output_caps_sum_each_requests_cap_times_n() {
+        let mut caps = OutputCaps::default();
+        let add = |caps: &mut OutputCaps, endpoint: &str, body: &str| {
+            caps.add(endpoint, &RawValue::from_string(body.to_owned()).unwrap());
+        };
+        add(
+            &mut caps,
+            "/v1/chat/completions",
+            r#"{"max_tokens":100,"n":3}"#,
+        );
+        add(
+            &mut caps,
+            "/v1/chat/completions",
+            r#"{"max_completion_tokens":50,"max_tokens":9}"#,
+        );
+        add(&mut caps, "/v1/responses", r#"{"max_output_tokens":7}"#);
+        add(
+            &mut caps,
+            "/v1/messages",
+            r#"{"model":"m","max_tokens":20,"messages":[]}"#,
+        );
+        add(&mut caps, "/v1/chat/completions", r#"{"messages":[]}"#);
+        add(
+            &mut caps,
+            "/v1/chat/completions",
+            r#"{"max_tokens":"many"}"#,
+        );
+        add(&mut caps, "/v1/embeddings", r#"{"input":"x"}"#);
+        assert_eq!(
+            caps,
+            OutputCaps {
+                tokens: 300 + 50 + 7 + 20,
+                uncapped: 2
+            }
+        );
     }
 }

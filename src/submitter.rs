@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::budget::Budget;
 use crate::collector::{self, CollectContext, Pricing};
 use crate::config::{BatchConfig, RetryConfig};
 use crate::ingest::Backlog;
@@ -56,6 +57,7 @@ pub struct BatchContext {
     pub known_batches: Mutex<HashSet<String>>,
     /// The in-flight batches the status API shows.
     pub status: Registry,
+    pub budget: Arc<Budget>,
 }
 
 impl BatchContext {
@@ -617,6 +619,23 @@ async fn drive_batch(
     // Where this batch starts: planned just now, or found in the journal
     // by a new owner (DESIGN.md "Replay").
     let mut intent_at = None;
+    // A new batch waits here, unsent, while the daily budget is spent. A
+    // recovered one may already be running at the provider.
+    let _reservation = match batch.recovered {
+        None => {
+            let estimate = ctx.budget.estimate(
+                &ctx.pricing,
+                &batch.route,
+                batch.input_bytes,
+                batch.output_caps,
+            );
+            let Some(r) = ctx.budget.admit(estimate, &abandon).await else {
+                return;
+            };
+            Some(r)
+        }
+        Some(_) => None,
+    };
     let mut start = match batch.recovered.as_deref() {
         None => {
             let Some(offset) =
@@ -807,6 +826,7 @@ async fn finish(
             }
         }
     };
+    ctx.budget.spend(collected.cost_usd);
     let terminal: OffsetSet = batch.offsets.iter().copied().collect();
     if record(
         ctx,

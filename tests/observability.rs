@@ -639,6 +639,9 @@ fn every_metric_touched() -> Metrics {
     m.provider_call("openai", "create_batch", "200", 0.1);
     m.input_retention_short(false);
     m.consumer_lag(0, 0);
+    m.cancel_requested("openai");
+    m.orphan_batch("openai");
+    m.budget(Some(10.0), 1.5, 0.25, 0);
     m
 }
 
@@ -1128,6 +1131,15 @@ async fn the_status_api_shows_a_batch_and_cancels_it_at_the_provider() {
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["batch"]["id"], id.as_str());
     assert_eq!(body["batch"]["cancel_requested"], true);
+    let samples = parse_exposition(&scrape(&listen).await);
+    assert_eq!(
+        sum(
+            &samples,
+            "batchline_cancels_requested_total",
+            &[("provider", "openai")]
+        ),
+        1.0
+    );
 
     // Every request gets exactly one result; what had not run is canceled.
     let expected: std::collections::HashSet<String> = ids.iter().cloned().collect();
@@ -1238,5 +1250,126 @@ async fn the_status_api_requires_the_bearer_token_when_one_is_configured() {
     let authorised =
         batchline::cli::StatusApi::new(&base, Some(batchline::config::ApiKey::new(token))).unwrap();
     assert!(authorised.batches().await.unwrap().batches.is_empty());
+    batchline.stop().await;
+}
+
+/// Polls `GET /v1/budget` until `until` holds; returns that view.
+async fn wait_for_budget(
+    api: &batchline::cli::StatusApi,
+    what: &str,
+    until: impl Fn(&batchline::budget::BudgetView) -> bool,
+) -> batchline::budget::BudgetView {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let view = api.budget().await.expect("GET /v1/budget");
+        if until(&view) {
+            return view;
+        }
+        assert!(Instant::now() < deadline, "{what}: {view:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The requests `ids` as messages for partition 0.
+fn chat_records(ids: &[String]) -> Vec<Produce> {
+    ids.iter()
+        .map(|id| Produce::json(id, &chat_request(id, "openai", "gpt-4o-mini", id)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_budget_holds_submission_and_pauses_consumption_until_raised() {
+    let sim = Sim::start(SimConfig::default()).await;
+    let topics = Topics::create(1).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
+    // Nothing may be spent: the first batch waits.
+    cfg.budget.max_usd_per_day = Some(0.0);
+    cfg.window.max_requests = Some(10);
+    let listen = free_listen_addr();
+    cfg.http.listen = listen.clone();
+    let base = format!("http://{listen}");
+    let batchline = Batchline::start(cfg);
+    wait_until_serving(&base).await;
+    let api = batchline::cli::StatusApi::new(&base, None).unwrap();
+
+    let first: Vec<String> = (0..30).map(|i| format!("budget-a-{i:03}")).collect();
+    // One record per batch: consumption resumes mid-topic, and Tansu
+    // fetches from inside a record batch wrongly (see tests/crash.rs).
+    produce_unbatched(&topics.requests, &chat_records(&first)).await;
+    let held = wait_for_budget(&api, "a batch waits for the budget", |b| {
+        b.held_batches >= 1
+    })
+    .await;
+    assert_eq!(held.max_usd_per_day, Some(0.0));
+    assert_eq!(held.spent_usd, 0.0);
+    // Held: nothing reached the provider, consumption is paused, and
+    // /readyz and the metrics say why.
+    let samples = parse_exposition(&scrape(&listen).await);
+    assert_eq!(
+        sum(&samples, "batchline_budget_held_batches", &[]),
+        held.held_batches as f64
+    );
+    assert_eq!(sum(&samples, "batchline_consumer_paused", &[]), 1.0);
+    assert_eq!(sum(&samples, "batchline_budget_limit_usd", &[]), 0.0);
+    let (status, body) = readyz(&base).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("wait for the daily budget"), "{body}");
+    assert_eq!(sim.stats().await["batches_created"], 0, "nothing was sent");
+    let table = batchline::cli::format_budget(&held);
+    assert!(
+        table.contains("wait for the budget; consumption is paused"),
+        "{table}"
+    );
+
+    // Raised: every request goes through, exactly once, and is counted.
+    let raised = api.set_budget(Some(1.0)).await.unwrap();
+    assert_eq!(raised.max_usd_per_day, Some(1.0));
+    let expected: std::collections::HashSet<String> = first.iter().cloned().collect();
+    let results = exactly_once(&wait_for_keys(
+        &topics.results,
+        &expected,
+        Duration::from_secs(60),
+    ));
+    let cost: f64 = results
+        .values()
+        .map(|r| {
+            assert_eq!(r["status"], "succeeded", "{r}");
+            r["cost_usd"].as_f64().expect("gpt-4o-mini is priced")
+        })
+        .sum();
+    let after = wait_for_budget(&api, "every batch collected", |b| {
+        b.reserved_usd == 0.0 && b.held_batches == 0
+    })
+    .await;
+    assert!(cost > 0.0);
+    assert!((after.spent_usd - cost).abs() < 1e-9, "{after:?} vs {cost}");
+
+    // A cap at today's spend holds the next batch again; removing it
+    // releases the batch.
+    api.set_budget(Some(after.spent_usd)).await.unwrap();
+    let second: Vec<String> = (0..5).map(|i| format!("budget-b-{i:03}")).collect();
+    produce_unbatched(&topics.requests, &chat_records(&second)).await;
+    wait_for_budget(&api, "the cap at today's spend holds a batch", |b| {
+        b.held_batches >= 1
+    })
+    .await;
+    let unset = api.set_budget(None).await.unwrap();
+    assert_eq!(unset.max_usd_per_day, None);
+    let expected: std::collections::HashSet<String> =
+        first.iter().chain(&second).cloned().collect();
+    let results = exactly_once(&wait_for_keys(
+        &topics.results,
+        &expected,
+        Duration::from_secs(60),
+    ));
+    assert_eq!(results.len(), 35);
+    let stats = sim.stats().await;
+    for id in &expected {
+        assert_eq!(stats["custom_ids"][id]["billed"], 1, "{id}");
+    }
+    let samples = parse_exposition(&scrape(&listen).await);
+    assert_eq!(sum(&samples, "batchline_budget_held_batches", &[]), 0.0);
+    assert_eq!(sum(&samples, "batchline_consumer_paused", &[]), 0.0);
     batchline.stop().await;
 }
