@@ -319,6 +319,36 @@ pub struct Collected {
     pub cost_usd: f64,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Requests not published but due for another batch, by position.
+    pub retry: Vec<u32>,
+    /// Whether that batch spends an attempt (expired, per-line 5xx) or not
+    /// (the rest of a batch failed for named lines).
+    pub retry_spends_attempt: bool,
+}
+
+/// Whether a failed line is worth another batch: it expired, or the
+/// provider failed it with a server error (OpenAI `status_code` 5xx,
+/// Anthropic `api_error` and `overloaded_error`, xAI's gRPC `internal` and
+/// `unavailable`). Cancelled lines never are.
+pub fn retryable(result: &LineResult) -> bool {
+    match result {
+        LineResult::Succeeded { .. } => false,
+        LineResult::Failed {
+            status,
+            error,
+            status_code,
+            ..
+        } => {
+            *status == Status::Expired
+                || status_code.is_some_and(|c| c >= 500)
+                || (*status == Status::Errored
+                    && status_code.is_none()
+                    && matches!(
+                        error.kind.as_str(),
+                        "api_error" | "overloaded_error" | "internal" | "unavailable"
+                    ))
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -346,6 +376,9 @@ pub struct CollectContext<'a> {
     pub spool_dir: &'a Path,
     /// Where the batch's cost so far is shown (the status API).
     pub status: Option<&'a crate::status::Registration>,
+    /// `retry.max_attempts`: below it, expired and 5xx lines go to another
+    /// batch instead of being published.
+    pub max_attempts: u32,
 }
 
 /// How many results pass between two updates of the cost shown in the
@@ -377,7 +410,23 @@ impl<'a> Collection<'a> {
         }
     }
 
+    /// Publishes request `i`'s result, or keeps it for a retry.
     async fn publish(
+        &mut self,
+        i: usize,
+        meta: &RequestMeta,
+        outcome: LineResult,
+    ) -> Result<(), CollectError> {
+        if self.batch.attempt < self.ctx.max_attempts && retryable(&outcome) {
+            self.collected.retry.push(i as u32);
+            self.collected.retry_spends_attempt = true;
+            return Ok(());
+        }
+        self.publish_final(meta, outcome).await
+    }
+
+    /// Publishes a terminal result.
+    async fn publish_final(
         &mut self,
         meta: &RequestMeta,
         outcome: LineResult,
@@ -440,7 +489,7 @@ impl<'a> Collection<'a> {
             .push(meta.custom_id.clone(), payload)
             .await?;
         let published: u64 = self.collected.by_status.values().sum();
-        if published == (self.batch.len() as u64).div_ceil(2) {
+        if published + self.collected.retry.len() as u64 == (self.batch.len() as u64).div_ceil(2) {
             crate::crash_point!("mid_publish");
         }
         if published % COST_SHOWN_EVERY == 0 {
@@ -487,7 +536,7 @@ impl<'a> Collection<'a> {
                 tracing::warn!(batch = %self.batch.id, custom_id = %outcome.custom_id, "second result line for one request ignored");
                 continue;
             }
-            self.publish(&meta, outcome.result).await?;
+            self.publish(i, &meta, outcome.result).await?;
         }
         Ok(())
     }
@@ -521,8 +570,20 @@ impl<'a> Collection<'a> {
                 .collect::<Vec<_>>()
                 .join("; ")
         });
+        // A batch failed for named lines: those lines error, the rest go to
+        // another batch without spending an attempt. Only when a named line
+        // is one of ours, so that every resubmission is smaller.
+        let resubmit_rest = self.pb.state == BatchState::Failed
+            && named
+                .keys()
+                .any(|&l| l >= 1 && l <= self.seen.len() as u64 && !self.seen[l as usize - 1]);
         for i in 0..self.seen.len() {
             if self.seen[i] {
+                continue;
+            }
+            if resubmit_rest && !named.contains_key(&(i as u64 + 1)) {
+                self.seen[i] = true;
+                self.collected.retry.push(i as u32);
                 continue;
             }
             let meta = self
@@ -557,6 +618,7 @@ impl<'a> Collection<'a> {
             };
             self.seen[i] = true;
             self.publish(
+                i,
                 &meta,
                 LineResult::Failed {
                     status: Status::Errored,
@@ -647,7 +709,7 @@ pub async fn fail_all(
                 path: batch.meta_path.display().to_string(),
                 source,
             })?;
-        c.publish(
+        c.publish_final(
             &meta,
             LineResult::Failed {
                 status,
@@ -763,5 +825,38 @@ mod tests {
         assert!((pricing.cost("openai", "gpt-4o", &usage).unwrap() - 6.25).abs() < 1e-9);
         assert_eq!(pricing.cost("openai", "o3", &usage), None);
         assert_eq!(pricing.cost("other", "gpt-4o", &usage), None);
+    }
+
+    #[test]
+    fn expired_and_server_errors_are_retryable_and_nothing_else() {
+        let failed = |status, kind: &str, code| LineResult::Failed {
+            status,
+            error: ErrorInfo::new(kind, "m"),
+            body: None,
+            status_code: code,
+        };
+        for yes in [
+            failed(Status::Expired, "batch_expired", None),
+            failed(Status::Expired, "expired", None),
+            failed(Status::Errored, "server_error", Some(500)),
+            failed(Status::Errored, "http_503", Some(503)),
+            failed(Status::Errored, "api_error", None),
+            failed(Status::Errored, "overloaded_error", None),
+            failed(Status::Errored, "internal", None),
+            failed(Status::Errored, "unavailable", None),
+        ] {
+            assert!(retryable(&yes), "{yes:?}");
+        }
+        for no in [
+            LineResult::Succeeded { body: raw("{}") },
+            failed(Status::Errored, "context_length_exceeded", Some(400)),
+            failed(Status::Errored, "invalid_request_error", None),
+            failed(Status::Errored, "invalid_argument", None),
+            failed(Status::Canceled, "batch_cancelled", None),
+            failed(Status::Canceled, "api_error", None),
+            failed(Status::Errored, "missing_result", None),
+        ] {
+            assert!(!retryable(&no), "{no:?}");
+        }
     }
 }

@@ -183,7 +183,8 @@ impl Router {
 
 #[derive(Debug)]
 enum RebalanceEvent {
-    Assigned(Vec<i32>),
+    /// Each partition with [`Journal::revocations`] as of its assignment.
+    Assigned(Vec<(i32, u64)>),
     Revoked(Vec<i32>),
 }
 
@@ -399,6 +400,12 @@ impl ConsumerContext for IngestContext {
                 tracing::warn!(error = %e, "pausing newly assigned partitions failed");
             }
             tracing::info!(partitions = ?assigned, "partitions assigned");
+            // Noted here, in order with the revocations: a claim for this
+            // assignment is written only if none came since.
+            let assigned = assigned
+                .into_iter()
+                .map(|p| (p, self.journal.revocations(p)))
+                .collect();
             self.events
                 .lock()
                 .expect("rebalance events lock")
@@ -435,9 +442,10 @@ fn replay(
     consumer: &BaseConsumer<IngestContext>,
     runtime: &tokio::runtime::Handle,
     p: i32,
+    revocations: u64,
 ) -> Result<Recovery, String> {
     let epoch = runtime
-        .block_on(journal.claim(p))
+        .block_on(journal.claim(p, revocations))
         .map_err(|e| e.to_string())?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&cfg.topics.requests, p);
@@ -457,6 +465,11 @@ fn replay(
         epoch: epoch.clone(),
         resume,
         terminal: OffsetSet::new(),
+        released: replay
+            .released(resume)
+            .into_iter()
+            .map(|(o, attempt, requeues)| (o, (attempt, requeues)))
+            .collect(),
         rebuilding: Vec::new(),
     };
     for b in replay.batches.values() {
@@ -510,6 +523,9 @@ struct Recovery {
     resume: Option<i64>,
     /// Offsets a `done` answered: skipped, and released for commit.
     terminal: OffsetSet,
+    /// Offsets a `done` released to a retry that no later batch took, with
+    /// the attempt and requeue count they are due for.
+    released: HashMap<i64, (u32, u32)>,
     /// Open batches filled again from the input topic by offset.
     rebuilding: Vec<Rebuilding>,
 }
@@ -708,6 +724,7 @@ impl Ingest {
             let consumer = self.consumer.clone();
             let message = consumer.poll(timeout);
             self.drain_events();
+            self.retake_voided();
             match message {
                 Some(Ok(m)) => {
                     brokers_answered(&self.readiness);
@@ -737,6 +754,7 @@ impl Ingest {
         outputs: &IngestOutputs,
     ) -> Result<(), IngestError> {
         let (partition, offset) = (m.partition(), m.offset());
+        let mut retry = (1, 0);
         match self.parts.get_mut(&partition) {
             None => return Ok(()),
             Some(Part::Replaying { first_dropped, .. }) => {
@@ -762,6 +780,9 @@ impl Ingest {
                     .position(|b| b.record.offsets.contains(offset))
                 {
                     return self.rebuild(m, i, outputs);
+                }
+                if let Some(due) = recovery.released.remove(&offset) {
+                    retry = due;
                 }
             }
         }
@@ -790,6 +811,7 @@ impl Ingest {
                         metadata: d.metadata,
                         offset,
                         timestamp_ms,
+                        retry,
                     };
                     match self
                         .packer
@@ -869,6 +891,7 @@ impl Ingest {
                     metadata: d.metadata,
                     offset,
                     timestamp_ms: m.timestamp().to_millis(),
+                    retry: (b.record.attempt, b.record.requeues),
                 };
                 window.add(&req).map_err(IngestError::Pack)?;
                 self.backlog.hold(1, 0);
@@ -893,6 +916,7 @@ impl Ingest {
         };
         let mut batch = window.seal().map_err(IngestError::Pack)?;
         batch.attempt = b.record.attempt;
+        batch.requeues = b.record.requeues;
         batch.epoch = epoch;
         tracing::info!(batch = %batch.id, phase = b.record.phase.as_str(), requests = batch.len(), "open batch re-read from the input topic");
         batch.recovered = Some(Box::new(b.record));
@@ -934,39 +958,73 @@ impl Ingest {
         for event in events {
             match event {
                 RebalanceEvent::Assigned(ps) => {
-                    for p in ps {
-                        self.start_replay(p);
+                    for (p, revocations) in ps {
+                        self.start_replay(p, revocations);
                     }
                 }
                 RebalanceEvent::Revoked(ps) => {
-                    let mut offsets = self.offsets.lock().expect("offset tracker lock");
+                    // The journal was released in `pre_rebalance`; a
+                    // second release here would count a revocation the
+                    // next assignment, maybe drained with this one,
+                    // never had.
                     for p in ps {
-                        match self.parts.remove(&p) {
-                            Some(Part::Replaying { stop, .. }) => stop.cancel(),
-                            Some(Part::Ready(recovery)) => {
-                                for b in recovery.rebuilding {
-                                    if let Some(w) = b.window {
-                                        self.backlog.release(w.len() as u64, 0);
-                                        w.discard();
-                                    }
-                                }
-                            }
-                            None => {}
-                        }
-                        self.journal.release(p);
+                        self.drop_partition(p);
                         self.readiness.partition_revoked(p);
-                        let held = self.packer.discard_partition(p);
-                        self.backlog.release(held.requests, 0);
-                        offsets.forget(p);
                     }
                 }
             }
         }
     }
 
+    /// Forgets what this instance holds locally for partition `p`: its
+    /// replay, the open batches it was rebuilding, its open windows and
+    /// its offsets.
+    fn drop_partition(&mut self, p: i32) {
+        match self.parts.remove(&p) {
+            Some(Part::Replaying { stop, .. }) => stop.cancel(),
+            Some(Part::Ready(recovery)) => {
+                for b in recovery.rebuilding {
+                    if let Some(w) = b.window {
+                        self.backlog.release(w.len() as u64, 0);
+                        w.discard();
+                    }
+                }
+            }
+            None => {}
+        }
+        let held = self.packer.discard_partition(p);
+        self.backlog.release(held.requests, 0);
+        self.offsets.lock().expect("offset tracker lock").forget(p);
+    }
+
+    /// Takes partition `p` again when its epoch turned out void while the
+    /// group still assigns it here: another instance's claim followed this
+    /// one's (an assignment that overlapped this one, or a claim that
+    /// landed late), and that instance has since given `p` up. Nobody works
+    /// on `p` then, and every create this instance tries for it is refused
+    /// as a zombie's: its work is dropped and `p` is paused, claimed and
+    /// replayed as on a new assignment. If the other instance still works
+    /// on `p`, its next create finds its own epoch void in turn.
+    fn retake_voided(&mut self) {
+        for (p, epoch) in self.journal.take_voided() {
+            let current = matches!(self.parts.get(&p), Some(Part::Ready(r)) if r.epoch == epoch);
+            if !current {
+                // Revoked since, or already taken again.
+                continue;
+            }
+            tracing::warn!(
+                partition = p,
+                "another instance claimed a partition still assigned here; claiming it again"
+            );
+            self.drop_partition(p);
+            self.pause(&[p]);
+            self.start_replay(p, self.journal.revocations(p));
+        }
+    }
+
     /// Replays partition `p`'s journal on a thread of its own: claim,
     /// read back, fold. The partition stays paused until it is done.
-    fn start_replay(&mut self, p: i32) {
+    fn start_replay(&mut self, p: i32, revocations: u64) {
         self.generation += 1;
         let generation = self.generation;
         let stop = CancellationToken::new();
@@ -999,7 +1057,7 @@ impl Ingest {
                     if stop.is_cancelled() {
                         return;
                     }
-                    match replay(&cfg, &journal, &consumer, &runtime, p) {
+                    match replay(&cfg, &journal, &consumer, &runtime, p, revocations) {
                         Ok(recovery) => {
                             metrics.journal_replayed(started.elapsed());
                             let _ = tx.send(Replayed {
@@ -1007,6 +1065,10 @@ impl Ingest {
                                 generation,
                                 recovery,
                             });
+                            return;
+                        }
+                        Err(_) if journal.revocations(p) != revocations => {
+                            // Revoked meanwhile: nothing more to do here.
                             return;
                         }
                         Err(e) => {

@@ -40,6 +40,7 @@ pub struct Metrics {
     journal_replay: Histogram,
     orphans: IntCounterVec,
     cancels_requested: IntCounterVec,
+    resubmitted: IntCounterVec,
     provider_requests: IntCounterVec,
     provider_request_duration: HistogramVec,
     ready: IntGauge,
@@ -282,6 +283,12 @@ impl Metrics {
                 "Batch cancels accepted through the status API.",
                 &["provider"],
             ),
+            resubmitted: counter_vec(
+                &r,
+                "batchline_requests_resubmitted_total",
+                "Requests handed to a new batch: reason retry (expired or a server error, an attempt spent), split (too large for the provider), failed_lines (the rest of a batch failed for named lines) or resubmit (a create found by lookup whose batch failed before it ran).",
+                &["provider", "reason"],
+            ),
             provider_requests: counter_vec(
                 &r,
                 "batchline_provider_requests_total",
@@ -374,6 +381,12 @@ impl Metrics {
 
     pub fn journal_replayed(&self, took: Duration) {
         self.journal_replay.observe(took.as_secs_f64());
+    }
+
+    pub fn requests_resubmitted(&self, provider: &str, reason: &str, n: usize) {
+        self.resubmitted
+            .with_label_values(&[provider, reason])
+            .inc_by(n as u64);
     }
 
     pub fn cancel_requested(&self, provider: &str) {

@@ -45,6 +45,10 @@ pub struct PackRequest<'a> {
     pub offset: i64,
     /// The input message's timestamp (Unix milliseconds).
     pub timestamp_ms: Option<i64>,
+    /// The provider attempt and token-limit splits the request is due for:
+    /// `(1, 0)`, unless the journal released it to a retry. Requests of
+    /// different attempts never share a window.
+    pub retry: (u32, u32),
 }
 
 /// What the side file keeps of each request for its result.
@@ -129,6 +133,8 @@ pub struct SealedBatch {
     index: HashMap<u64, u32>,
     pub opened_at: Instant,
     pub attempt: u32,
+    /// Token-limit splits its requests went through.
+    pub requeues: u32,
     /// The epoch under which this instance owns the batch's partition; set
     /// by ingest when it hands the batch on. Journal writes carry it.
     pub epoch: String,
@@ -168,6 +174,77 @@ impl SealedBatch {
         serde_json::from_slice(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
+    /// A new batch of the same partition and route, under a new id, holding
+    /// the requests at positions `picks` (in any order) of this one: their
+    /// lines are copied from this batch's spool files, one pass each.
+    pub fn successor(
+        &self,
+        dir: &Path,
+        picks: &[u32],
+        attempt: u32,
+        requeues: u32,
+    ) -> Result<SealedBatch, PackError> {
+        #[derive(Deserialize)]
+        struct Line<'a> {
+            #[serde(borrow, default)]
+            body: Option<&'a RawValue>,
+            #[serde(borrow, default)]
+            params: Option<&'a RawValue>,
+        }
+        let limits = RouteLimits {
+            max_requests: u32::MAX,
+            max_bytes: u64::MAX,
+            max_wait: std::time::Duration::MAX,
+        };
+        let mut w = Window::open(dir, self.partition, &self.route, limits, Instant::now())?;
+        w.retry = (attempt, requeues);
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| PackError::Io { path, source }
+        };
+        let input = File::open(&self.input_path).map_err(io_err(&self.input_path))?;
+        let meta_file = self.open_meta().map_err(io_err(&self.meta_path))?;
+        let mut lines = io::BufReader::with_capacity(64 * 1024, input);
+        let mut line = Vec::new();
+        let mut picks = picks.to_vec();
+        picks.sort_unstable();
+        picks.dedup();
+        let mut next = picks.into_iter().peekable();
+        for i in 0..self.len() as u32 {
+            let Some(&want) = next.peek() else { break };
+            line.clear();
+            io::BufRead::read_until(&mut lines, b'\n', &mut line)
+                .map_err(io_err(&self.input_path))?;
+            if i != want {
+                continue;
+            }
+            next.next();
+            let meta = self
+                .read_meta(&meta_file, i as usize)
+                .map_err(io_err(&self.meta_path))?;
+            let parsed: Line<'_> = serde_json::from_slice(&line).map_err(|e| PackError::Io {
+                path: self.input_path.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            })?;
+            let body = parsed.body.or(parsed.params).ok_or_else(|| PackError::Io {
+                path: self.input_path.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidData, "a batch line without a body"),
+            })?;
+            let req = PackRequest {
+                custom_id: &meta.custom_id,
+                body,
+                metadata: meta.metadata.as_deref(),
+                offset: meta.offset,
+                timestamp_ms: meta.timestamp_ms,
+                retry: (attempt, requeues),
+            };
+            w.write(&req, &line)?;
+        }
+        let mut batch = w.seal(&self.topic)?;
+        batch.epoch = self.epoch.clone();
+        Ok(batch)
+    }
+
     /// Removes the spool files.
     pub fn remove_files(&self) {
         let _ = std::fs::remove_file(&self.input_path);
@@ -190,6 +267,8 @@ struct Window {
     offsets: Vec<i64>,
     meta_pos: Vec<u64>,
     index: HashMap<u64, u32>,
+    /// Attempt and requeues of every request in it.
+    retry: (u32, u32),
 }
 
 impl Window {
@@ -212,8 +291,13 @@ impl Window {
         limits: RouteLimits,
         now: Instant,
     ) -> Result<Window, PackError> {
-        let input_path = dir.join(format!("{id}.jsonl"));
-        let meta_path = dir.join(format!("{id}.meta.jsonl"));
+        // A batch rebuilt under its old id (a partition taken back while the
+        // old task still winds down) gets files of its own: the old task's
+        // clean-up must not remove them.
+        static SPOOL_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SPOOL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let input_path = dir.join(format!("{id}.{seq}.jsonl"));
+        let meta_path = dir.join(format!("{id}.{seq}.meta.jsonl"));
         let create = |path: &Path| {
             File::create(path)
                 .map(|f| BufWriter::with_capacity(64 * 1024, f))
@@ -237,6 +321,7 @@ impl Window {
             offsets: Vec::new(),
             meta_pos: vec![0],
             index: HashMap::new(),
+            retry: (1, 0),
         })
     }
 
@@ -299,7 +384,8 @@ impl Window {
             meta_pos: self.meta_pos,
             index: self.index,
             opened_at: self.opened_at,
-            attempt: 1,
+            attempt: self.retry.0,
+            requeues: self.retry.1,
             epoch: String::new(),
             recovered: None,
         })
@@ -440,10 +526,9 @@ impl Packer {
         }
         let hash = hash_custom_id(req.custom_id);
         let mut sealed = Vec::new();
-        let pos = self
-            .windows
-            .iter()
-            .position(|w| w.partition == partition && &w.route == route);
+        let same =
+            |w: &Window| w.partition == partition && &w.route == route && w.retry == req.retry;
+        let pos = self.windows.iter().position(same);
         if let Some(i) = pos {
             if self.windows[i].index.contains_key(&hash) {
                 return Err(PackError::Duplicate(req.custom_id.to_owned()));
@@ -453,15 +538,12 @@ impl Packer {
                 sealed.push(full.seal(&self.topic)?);
             }
         }
-        let i = match self
-            .windows
-            .iter()
-            .position(|w| w.partition == partition && &w.route == route)
-        {
+        let i = match self.windows.iter().position(same) {
             Some(i) => i,
             None => {
-                self.windows
-                    .push(Window::open(&self.dir, partition, route, limits, now)?);
+                let mut w = Window::open(&self.dir, partition, route, limits, now)?;
+                w.retry = req.retry;
+                self.windows.push(w);
                 self.windows.len() - 1
             }
         };
@@ -566,6 +648,7 @@ mod tests {
             metadata: None,
             offset,
             timestamp_ms: Some(1_700_000_000_000),
+            retry: (1, 0),
         }
     }
 
@@ -715,5 +798,60 @@ mod tests {
                 uncapped: 2
             }
         );
+    }
+
+    #[test]
+    fn a_successor_copies_the_picked_requests_under_a_new_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Packer::new(dir.path(), "in").unwrap();
+        let now = Instant::now();
+        let l = limits(4, 1 << 20);
+        let bodies: Vec<Box<RawValue>> = (0..4)
+            .map(|i| {
+                RawValue::from_string(format!(r#"{{"model":"m","max_tokens":{}}}"#, 10 + i))
+                    .unwrap()
+            })
+            .collect();
+        let ids = ["a", "b", "c", "d"];
+        let mut sealed = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let meta = RawValue::from_string(format!(r#"{{"n":{i}}}"#)).unwrap();
+            let mut r = req(id, &bodies[i], 100 + i as i64);
+            r.metadata = Some(&meta);
+            sealed.extend(p.add(0, &route("m"), l, &r, now).unwrap());
+        }
+        let mut parent = sealed.pop().expect("sealed at 4 requests");
+        parent.epoch = "e1".into();
+        let next = parent.successor(dir.path(), &[3, 1, 3], 2, 0).unwrap();
+        assert_ne!(next.id, parent.id);
+        assert!(next.id.starts_with("bl-0-"));
+        assert_eq!(
+            (next.attempt, next.requeues, next.epoch.as_str()),
+            (2, 0, "e1")
+        );
+        assert_eq!(next.offsets, vec![101, 103]);
+        assert_eq!(
+            next.output_caps,
+            OutputCaps {
+                tokens: 11 + 13,
+                uncapped: 0
+            }
+        );
+        let input = std::fs::read_to_string(&next.input_path).unwrap();
+        let parent_input = std::fs::read_to_string(&parent.input_path).unwrap();
+        let parent_lines: Vec<&str> = parent_input.lines().collect();
+        assert_eq!(
+            input.lines().collect::<Vec<_>>(),
+            vec![parent_lines[1], parent_lines[3]]
+        );
+        assert_eq!(next.input_bytes, input.len() as u64);
+        let meta = next.open_meta().unwrap();
+        for (i, (id, n)) in [("b", 1), ("d", 3)].into_iter().enumerate() {
+            assert_eq!(next.index_of(id), Some(i));
+            let m = next.read_meta(&meta, i).unwrap();
+            assert_eq!(m.custom_id, id);
+            assert_eq!(m.metadata.unwrap().get(), format!(r#"{{"n":{n}}}"#));
+        }
+        assert_eq!(next.index_of("a"), None);
     }
 }

@@ -9,7 +9,7 @@
 //! tombstoned once a confirmed commit has passed all their offsets.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
@@ -44,12 +44,31 @@ struct Written {
 
 struct Owned {
     epoch: String,
-    /// Where the claim landed in the state partition.
-    claimed_at: i64,
+    /// No other owner's claim lies between the claim (where this starts)
+    /// and this offset: a confirmation reads on from here, not from the
+    /// claim, so that its cost does not grow with the life of the
+    /// assignment.
+    confirmed_upto: i64,
     /// Cancelled when the partition is given up: its batch tasks stop.
     revoked: CancellationToken,
     batches: HashMap<String, Written>,
 }
+
+/// Orders claims against revocations, per partition. A claim sent for an
+/// assignment that is revoked meanwhile must land before the revocation
+/// completes: otherwise it can land after the next owner's claim and void
+/// every record that owner writes (DESIGN.md "Revocation is a barrier").
+#[derive(Default)]
+struct ClaimGate {
+    /// How many times each partition was revoked.
+    revocations: HashMap<i32, u64>,
+    /// Claims being written, per partition.
+    in_flight: HashMap<i32, usize>,
+}
+
+/// How long a revocation waits for a claim in flight: the journal
+/// producer's `message.timeout.ms`, and a margin.
+const CLAIM_WAIT: Duration = Duration::from_secs(35);
 
 /// Writes journal records for the partitions this instance owns.
 pub struct Journal {
@@ -58,6 +77,11 @@ pub struct Journal {
     /// What a reader of the state topic needs.
     reader: Arc<ReaderConfig>,
     owned: Mutex<HashMap<i32, Owned>>,
+    gate: Mutex<ClaimGate>,
+    claim_landed: Condvar,
+    /// Partitions whose epoch turned out void (another instance's claim
+    /// follows it), with that epoch: see [`Self::take_voided`].
+    voided: Mutex<Vec<(i32, String)>>,
 }
 
 fn now_ms() -> i64 {
@@ -83,6 +107,9 @@ impl Journal {
             topic: cfg.topics.state.clone(),
             reader: Arc::new(ReaderConfig::new(cfg)),
             owned: Mutex::new(HashMap::new()),
+            gate: Mutex::new(ClaimGate::default()),
+            claim_landed: Condvar::new(),
+            voided: Mutex::new(Vec::new()),
         })
     }
 
@@ -91,21 +118,49 @@ impl Journal {
         &self.topic
     }
 
+    /// How many times `p` has been revoked so far: an assignment notes it
+    /// (in the rebalance callback) and hands it to [`Self::claim`].
+    pub fn revocations(&self, p: i32) -> u64 {
+        let gate = self.gate.lock().expect("claim gate lock");
+        gate.revocations.get(&p).copied().unwrap_or(0)
+    }
+
     /// Takes partition `p` under a fresh epoch: the claim record is
     /// confirmed before anything else is written for `p`. Returns the epoch.
-    pub async fn claim(&self, p: i32) -> Result<String, StateError> {
+    /// `revocations` is [`Self::revocations`] as of the assignment: if `p`
+    /// has been revoked since, nothing is written, and a claim that was in
+    /// flight when it was revoked does not make this instance its owner.
+    pub async fn claim(&self, p: i32, revocations: u64) -> Result<String, StateError> {
         let epoch = uuid::Uuid::new_v4().to_string();
         let record = Record {
             epoch: epoch.clone(),
             time_ms: now_ms(),
             body: Body::Claim,
         };
-        let claimed_at = self.send(p, &record.key(p), Some(&record)).await?;
+        {
+            let mut gate = self.gate.lock().expect("claim gate lock");
+            if gate.revocations.get(&p).copied().unwrap_or(0) != revocations {
+                return Err(StateError::NotOwner(p));
+            }
+            *gate.in_flight.entry(p).or_default() += 1;
+        }
+        let sent = self.send(p, &record.key(p), Some(&record)).await;
+        let mut gate = self.gate.lock().expect("claim gate lock");
+        if let Some(n) = gate.in_flight.get_mut(&p) {
+            *n -= 1;
+        }
+        self.claim_landed.notify_all();
+        let claimed_at = sent?;
+        if gate.revocations.get(&p).copied().unwrap_or(0) != revocations {
+            return Err(StateError::NotOwner(p));
+        }
+        // Under the gate: a revocation cannot slip in before ownership is
+        // recorded.
         self.owned.lock().expect("journal lock").insert(
             p,
             Owned {
                 epoch: epoch.clone(),
-                claimed_at,
+                confirmed_upto: claimed_at,
                 revoked: CancellationToken::new(),
                 batches: HashMap::new(),
             },
@@ -114,8 +169,27 @@ impl Journal {
     }
 
     /// Gives `p` up: every later write for it is refused and its batch
-    /// tasks are told to stop.
+    /// tasks are told to stop. A claim for `p` still in flight is waited
+    /// for (blocking), so that it lands before the next owner's claim.
     pub fn release(&self, p: i32) {
+        let mut gate = self.gate.lock().expect("claim gate lock");
+        *gate.revocations.entry(p).or_default() += 1;
+        let deadline = Instant::now() + CLAIM_WAIT;
+        while gate.in_flight.get(&p).copied().unwrap_or(0) > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    partition = p,
+                    "a claim still in flight at revocation; it may void the next owner's records"
+                );
+                break;
+            }
+            gate = self
+                .claim_landed
+                .wait_timeout(gate, left)
+                .expect("claim gate lock")
+                .0;
+        }
         if let Some(o) = self.owned.lock().expect("journal lock").remove(&p) {
             o.revoked.cancel();
         }
@@ -184,23 +258,58 @@ impl Journal {
     /// that it lost the partition, before a create it must not send.
     /// `Ok(false)`: lost.
     pub async fn confirm(&self, p: i32, epoch: &str, offset: i64) -> Result<bool, StateError> {
-        let claimed_at = {
+        let from = {
             let owned = self.owned.lock().expect("journal lock");
             match owned.get(&p) {
-                Some(o) if o.epoch == epoch => o.claimed_at,
+                Some(o) if o.epoch == epoch && offset <= o.confirmed_upto => return Ok(true),
+                Some(o) if o.epoch == epoch => o.confirmed_upto,
                 _ => return Ok(false),
             }
         };
-        let (cfg, epoch) = (self.reader.clone(), epoch.to_owned());
-        tokio::task::spawn_blocking(move || {
-            other_claim_between(&cfg, p, &epoch, claimed_at, offset)
-        })
-        .await
-        .map_err(|e| StateError::Read {
-            partition: p,
-            message: e.to_string(),
-        })?
-        .map(|other| !other)
+        let (cfg, mine) = (self.reader.clone(), epoch.to_owned());
+        let other =
+            tokio::task::spawn_blocking(move || other_claim_between(&cfg, p, &mine, from, offset))
+                .await
+                .map_err(|e| StateError::Read {
+                    partition: p,
+                    message: e.to_string(),
+                })??;
+        if other {
+            self.voided(p, epoch);
+        } else if let Some(o) = self
+            .owned
+            .lock()
+            .expect("journal lock")
+            .get_mut(&p)
+            .filter(|o| o.epoch == epoch)
+        {
+            o.confirmed_upto = o.confirmed_upto.max(offset);
+        }
+        Ok(!other)
+    }
+
+    /// `epoch`'s records in `p` are void: another instance claimed `p` after
+    /// it. Every write for `p` under `epoch` is refused from now on and its
+    /// batch tasks stop. Ingest learns of it through [`Self::take_voided`]:
+    /// if the group still assigns `p` here (the other claim came from an
+    /// assignment that overlapped this one and was revoked, or was sent
+    /// late), nobody else works on `p`, and it must be claimed again.
+    fn voided(&self, p: i32, epoch: &str) {
+        let mut owned = self.owned.lock().expect("journal lock");
+        if owned.get(&p).is_some_and(|o| o.epoch == epoch) {
+            if let Some(o) = owned.remove(&p) {
+                o.revoked.cancel();
+            }
+            self.voided
+                .lock()
+                .expect("voided lock")
+                .push((p, epoch.to_owned()));
+        }
+    }
+
+    /// Partitions found void since the last call, with the epoch that was.
+    pub fn take_voided(&self) -> Vec<(i32, String)> {
+        std::mem::take(&mut *self.voided.lock().expect("voided lock"))
     }
 
     /// After a confirmed commit of `committed` on `p`: writes it as a mark,
@@ -431,4 +540,54 @@ pub fn read_back(
     }
     let replay = Replay::fold(records.iter().map(Option::as_ref));
     Ok(ReadBack { replay, keys })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A journal on a broker that never answers: every send fails after
+    /// `message.timeout.ms`.
+    fn unreachable_journal(timeout_ms: u64) -> Journal {
+        let mut cfg = Config::load_from(None, Vec::<(String, String)>::new()).unwrap();
+        cfg.kafka.brokers = "127.0.0.1:1".into();
+        cfg.kafka
+            .producer
+            .insert("message.timeout.ms".into(), timeout_ms.to_string());
+        Journal::new(&cfg).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_waits_for_a_claim_in_flight_and_refuses_later_ones() {
+        let journal = Arc::new(unreachable_journal(1500));
+        let seen = journal.revocations(3);
+        let claiming = {
+            let journal = journal.clone();
+            tokio::spawn(async move { journal.claim(3, seen).await })
+        };
+        // Let the claim get under way, then revoke.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let released = {
+            let journal = journal.clone();
+            tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                journal.release(3);
+                started.elapsed()
+            })
+        };
+        // The send fails at its 1.5 s timeout: release waited for it.
+        let waited = released.await.unwrap();
+        assert!(waited >= Duration::from_millis(800), "waited {waited:?}");
+        assert!(claiming.await.unwrap().is_err());
+        assert!(!journal.owns(3, ""));
+        // A claim for the revoked assignment is not even sent.
+        let started = Instant::now();
+        assert!(matches!(
+            journal.claim(3, seen).await,
+            Err(StateError::NotOwner(3))
+        ));
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert_eq!(journal.revocations(3), seen + 1);
+        assert_eq!(journal.revocations(4), 0);
+    }
 }

@@ -20,7 +20,7 @@ use crate::budget::Budget;
 use crate::collector::{self, CollectContext, Pricing};
 use crate::config::{BatchConfig, RetryConfig};
 use crate::ingest::Backlog;
-use crate::journal::{BatchRecord, OffsetSet, Phase, RouteRecord};
+use crate::journal::{BatchRecord, OffsetSet, Phase, Released, RouteRecord};
 use crate::metrics::Metrics;
 use crate::model::{ErrorInfo, Status};
 use crate::offsets::OffsetTracker;
@@ -95,18 +95,7 @@ impl Submitter {
             tokio::select! {
                 batch = self.batches.recv() => match batch {
                     Some(batch) => {
-                        let ctx = self.ctx.clone();
-                        let abandon = abandon.clone();
-                        // One span per batch: every line it logs carries its ids.
-                        let span = tracing::info_span!(
-                            "batch",
-                            id = %batch.id,
-                            partition = batch.partition,
-                            provider = %batch.route.provider,
-                            model = %batch.route.model,
-                            provider_batch = tracing::field::Empty,
-                        );
-                        tasks.spawn(run_batch(ctx, batch, abandon).instrument(span));
+                        tasks.spawn(run_batch(self.ctx.clone(), batch, abandon.clone()));
                     }
                     None => break,
                 },
@@ -145,6 +134,8 @@ enum Submission {
     },
     /// The provider refused the batch for good: every request errors.
     Refused(ErrorInfo),
+    /// The provider refused the batch as too large (413).
+    TooLarge(ErrorInfo),
     Abandoned,
 }
 
@@ -155,6 +146,8 @@ enum Refusal {
     RetryAfter(Option<Duration>),
     /// Credentials or quota: hold the requests and retry with backoff.
     HoldRoute,
+    /// Too large for the provider: split the batch in two.
+    Split,
     /// Nothing will make it succeed: error every request.
     Fail,
 }
@@ -171,6 +164,7 @@ fn classify_refusal(e: &ProviderError) -> Refusal {
         } => match (*status, kind.as_deref()) {
             (429, Some("insufficient_quota")) | (401..=403, _) => Refusal::HoldRoute,
             (429, _) => Refusal::RetryAfter(*retry_after),
+            (413, _) => Refusal::Split,
             // Eventual consistency right after an upload (PROVIDERS.md 1.8).
             (400 | 404, _)
                 if message.contains("Cannot find file") || message.contains("No such File") =>
@@ -306,6 +300,10 @@ async fn submit(
                         Refusal::Fail => {
                             delete_file(provider, file_id.as_deref()).await;
                             return Submission::Refused(e.error_info());
+                        }
+                        Refusal::Split => {
+                            delete_file(provider, file_id.as_deref()).await;
+                            return Submission::TooLarge(e.error_info());
                         }
                         Refusal::RetryAfter(after) => after.unwrap_or_else(|| backoff(attempt)),
                         Refusal::HoldRoute => {
@@ -500,6 +498,8 @@ struct Phased<'a> {
     provider_batch_id: Option<&'a str>,
     /// With `done`: the offsets that got a terminal result.
     terminal: Option<OffsetSet>,
+    /// With `done`: the offsets handed to successors.
+    released: Vec<Released>,
 }
 
 /// Writes and confirms a phase of `batch` in the journal before the step it
@@ -524,12 +524,12 @@ async fn record(
         phase,
         route: r,
         attempt: batch.attempt,
-        requeues: 0,
+        requeues: batch.requeues,
         offsets: batch.offsets.iter().copied().collect(),
         file_id: extra.file_id.map(str::to_owned),
         provider_batch_id: extra.provider_batch_id.map(str::to_owned),
         terminal: extra.terminal,
-        released: Vec::new(),
+        released: extra.released,
     };
     let mut attempt = 0;
     loop {
@@ -555,6 +555,36 @@ async fn record(
     }
 }
 
+/// Reads the partition back to `batch`'s record at `at`: `false` when
+/// another owner's claim lies before it (the record is void: this instance
+/// lost the partition without being told) or work is abandoned. A `done`
+/// is confirmed so before its offsets are committed and its provider files
+/// deleted: a void `done` must leave the files to the next owner.
+async fn confirm(
+    ctx: &BatchContext,
+    batch: &SealedBatch,
+    at: i64,
+    abandon: &CancellationToken,
+) -> bool {
+    let mut attempt = 0;
+    loop {
+        match ctx.journal.confirm(batch.partition, &batch.epoch, at).await {
+            Ok(true) => return true,
+            Ok(false) => {
+                tracing::warn!(batch = %batch.id, partition = batch.partition, "another owner claimed the partition; leaving the batch to it");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(batch = %batch.id, error = %e, "confirming ownership failed; retrying");
+                attempt += 1;
+                if !sleep_or_abandon(ctx.retry.backoff(attempt), abandon).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 async fn delete_file(provider: &dyn Provider, file_id: Option<&str>) {
     if let Some(id) = file_id {
         if let Err(e) = provider.delete_file(id).await {
@@ -563,20 +593,26 @@ async fn delete_file(provider: &dyn Provider, file_id: Option<&str>) {
     }
 }
 
-/// One batch, from sealed window to released offsets. However the batch's
-/// work ends (finished, handed over, abandoned), what it held locally is
-/// released.
+/// One span per batch: every line it logs carries its ids.
+fn batch_span(batch: &SealedBatch) -> tracing::Span {
+    tracing::info_span!(
+        "batch",
+        id = %batch.id,
+        partition = batch.partition,
+        provider = %batch.route.provider,
+        model = %batch.route.model,
+        attempt = batch.attempt,
+        provider_batch = tracing::field::Empty,
+    )
+}
+
+/// One batch, from sealed window to released offsets, then its successors
+/// (retries, the halves of a split, the rest of a batch failed for named
+/// lines) one after the other. However a batch's work ends (finished,
+/// handed over, abandoned), what it held locally is released.
 async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: CancellationToken) {
-    // Listed in the status API until this task ends, however it ends.
-    let status = ctx.status.register(
-        &batch.id,
-        &batch.route,
-        batch.partition,
-        batch.len(),
-        batch.input_bytes,
-    );
-    // The batch's work stops at shutdown's deadline, and as soon as its
-    // partition is revoked: the next owner carries on from the journal.
+    // The work stops at shutdown's deadline, and as soon as the partition
+    // is revoked: the next owner carries on from the journal.
     let local = abandon.child_token();
     let revoked = ctx.journal.revoked(batch.partition, &batch.epoch);
     let stop = local.clone();
@@ -584,10 +620,40 @@ async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: Cancella
         revoked.cancelled().await;
         stop.cancel();
     });
-    drive_batch(&ctx, &batch, &local, &status).await;
+    let mut requeues = batch.requeues;
+    let mut queue = std::collections::VecDeque::from([batch]);
+    while let Some(batch) = queue.pop_front() {
+        // A split waits before its halves go (the provider's enqueued
+        // tokens need time to drain).
+        let wait = if batch.requeues > requeues {
+            ctx.retry.backoff(batch.requeues)
+        } else {
+            Duration::ZERO
+        };
+        requeues = batch.requeues;
+        let successors = if local.is_cancelled() || !sleep_or_abandon(wait, &local).await {
+            Vec::new()
+        } else {
+            // Listed in the status API until its work ends, however it ends.
+            let status = ctx.status.register(
+                &batch.id,
+                &batch.route,
+                batch.partition,
+                batch.len(),
+                batch.input_bytes,
+            );
+            drive_batch(&ctx, &batch, &local, &status)
+                .instrument(batch_span(&batch))
+                .await
+        };
+        ctx.backlog.release(batch.len() as u64, batch.input_bytes);
+        batch.remove_files();
+        for s in successors {
+            ctx.backlog.hold(s.len() as u64, s.input_bytes);
+            queue.push_back(s);
+        }
+    }
     watcher.abort();
-    ctx.backlog.release(batch.len() as u64, batch.input_bytes);
-    batch.remove_files();
 }
 
 async fn drive_batch(
@@ -595,17 +661,17 @@ async fn drive_batch(
     batch: &SealedBatch,
     abandon: &CancellationToken,
     status: &Registration,
-) {
+) -> Vec<SealedBatch> {
     let (ctx, batch, abandon) = (ctx.clone(), batch, abandon.clone());
     let Some(slot) = ctx.providers.get(&*batch.route.provider) else {
         // Ingest only routes to enabled providers; this is a bug, not input.
         tracing::error!(batch = %batch.id, provider = %batch.route.provider, "batch for an unconfigured provider");
-        return;
+        return Vec::new();
     };
     let provider = slot.provider.as_ref();
     let permit = tokio::select! {
         p = slot.in_flight.clone().acquire_owned() => p.expect("semaphores are never closed"),
-        _ = abandon.cancelled() => return,
+        _ = abandon.cancelled() => return Vec::new(),
     };
     let started = Instant::now();
     let collect_ctx = CollectContext {
@@ -615,6 +681,7 @@ async fn drive_batch(
         pricing: &ctx.pricing,
         spool_dir: &ctx.spool_dir,
         status: Some(status),
+        max_attempts: ctx.retry.max_attempts,
     };
     // Where this batch starts: planned just now, or found in the journal
     // by a new owner (DESIGN.md "Replay").
@@ -630,7 +697,7 @@ async fn drive_batch(
                 batch.output_caps,
             );
             let Some(r) = ctx.budget.admit(estimate, &abandon).await else {
-                return;
+                return Vec::new();
             };
             Some(r)
         }
@@ -641,7 +708,7 @@ async fn drive_batch(
             let Some(offset) =
                 record(&ctx, batch, Phase::Intent, Phased::default(), &abandon).await
             else {
-                return;
+                return Vec::new();
             };
             crate::crash_point!("after_intent");
             intent_at = Some(offset);
@@ -669,12 +736,12 @@ async fn drive_batch(
                 match resolve_ambiguous(&ctx, provider, batch, file_id.as_deref(), &abandon).await {
                     Some(Some(pb)) => {
                         if !record_submitted(&ctx, batch, &pb, &abandon).await {
-                            return;
+                            return Vec::new();
                         }
                         Submission::Created { pb, adopted: true }
                     }
                     Some(None) => continue,
-                    None => return,
+                    None => return Vec::new(),
                 }
             }
             Start::Attach(id, input_file_id) => {
@@ -695,7 +762,12 @@ async fn drive_batch(
             }
         };
         let (pb, adopted) = match submission {
-            Submission::Abandoned => return,
+            Submission::Abandoned => return Vec::new(),
+            Submission::TooLarge(error) => {
+                return split(&ctx, batch, None, &error, &abandon)
+                    .await
+                    .unwrap_or_default();
+            }
             Submission::Refused(error) => {
                 tracing::error!(batch = %batch.id, error = %error.message, "provider refused the batch; every request errors");
                 finish(
@@ -707,7 +779,7 @@ async fn drive_batch(
                     &abandon,
                 )
                 .await;
-                return;
+                return Vec::new();
             }
             Submission::Created { pb, adopted } => (pb, adopted),
         };
@@ -732,17 +804,23 @@ async fn drive_batch(
                 && pb.counts.completed == 0
                 && pb.output_file_id.is_none()
             {
-                tracing::warn!(batch = %batch.id, provider_batch = %pb.id, "adopted batch failed before any request ran; submitting again");
+                tracing::warn!(batch = %batch.id, provider_batch = %pb.id, "adopted batch failed before any request ran; handing its requests to a new batch");
                 ctx.metrics
                     .batch_ended(&batch.route, pb.state.as_str(), started.elapsed());
-                continue;
+                // Through a `done`, under a new id: this id's journal keeps
+                // the failed provider batch as its furthest phase.
+                let all = (0..batch.len() as u32).collect();
+                let group = vec![(all, batch.attempt, batch.requeues)];
+                return hand_off(&ctx, batch, group, "resubmit", &abandon)
+                    .await
+                    .unwrap_or_default();
             }
         }
         break (input_file, tracked);
     };
     drop(permit);
     match tracked {
-        Tracked::Abandoned => {}
+        Tracked::Abandoned => Vec::new(),
         Tracked::NotFound => {
             let error = ErrorInfo::new(
                 "batch_not_found",
@@ -756,17 +834,25 @@ async fn drive_batch(
                 Outcome::All(Status::Errored, error),
                 &abandon,
             )
-            .await;
+            .await
+            .unwrap_or_default()
         }
         Tracked::Ended(pb) => {
             tracing::info!(batch = %batch.id, provider_batch = %pb.id, state = pb.state.as_str(), secs = started.elapsed().as_secs_f64(), "batch ended");
             ctx.metrics
                 .batch_ended(&batch.route, pb.state.as_str(), started.elapsed());
+            if let Some(error) = token_limit(&pb) {
+                if batch.requeues < ctx.retry.max_requeues {
+                    return split(&ctx, batch, input_file, &error, &abandon)
+                        .await
+                        .unwrap_or_default();
+                }
+            }
             let files: Vec<String> = [pb.output_file_id.clone(), pb.error_file_id.clone()]
                 .into_iter()
                 .flatten()
                 .collect();
-            let done = finish(
+            let successors = finish(
                 &ctx,
                 &collect_ctx,
                 batch,
@@ -777,11 +863,128 @@ async fn drive_batch(
             .await;
             // Result files go only once `done` is durable: a new owner
             // collects from them otherwise.
-            for f in files.into_iter().filter(|_| done) {
-                delete_file(provider, Some(&f)).await;
+            if successors.is_some() {
+                for f in files {
+                    delete_file(provider, Some(&f)).await;
+                }
             }
+            successors.unwrap_or_default()
         }
     }
+}
+
+/// The error of a batch the provider failed as a whole for its enqueued
+/// token limit (OpenAI `token_limit_exceeded`, no line named).
+fn token_limit(pb: &ProviderBatch) -> Option<ErrorInfo> {
+    (pb.state == BatchState::Failed)
+        .then(|| {
+            pb.errors
+                .iter()
+                .find(|e| e.code == "token_limit_exceeded" && e.line.is_none())
+        })
+        .flatten()
+        .map(|e| ErrorInfo::new(e.code.clone(), e.message.clone()))
+}
+
+/// Splits a batch the provider found too large (a 413, or its enqueued
+/// token limit) in two halves that go one after the other after a backoff,
+/// without spending an attempt; a batch of one request is sent again as it
+/// is. `None` if the `done` that hands them on did not become durable.
+async fn split(
+    ctx: &BatchContext,
+    batch: &SealedBatch,
+    input_file: Option<String>,
+    error: &ErrorInfo,
+    abandon: &CancellationToken,
+) -> Option<Vec<SealedBatch>> {
+    let n = batch.len() as u32;
+    let halves: Vec<Vec<u32>> = if n > 1 {
+        vec![(0..n / 2).collect(), (n / 2..n).collect()]
+    } else {
+        vec![(0..n).collect()]
+    };
+    tracing::warn!(batch = %batch.id, requests = n, requeues = batch.requeues + 1, error = %error.message, "the provider refused the batch's size; splitting it");
+    let groups = halves
+        .into_iter()
+        .map(|picks| (picks, batch.attempt, batch.requeues + 1))
+        .collect();
+    let successors = hand_off(ctx, batch, groups, "split", abandon).await?;
+    if let Some(slot) = ctx.providers.get(&*batch.route.provider) {
+        delete_file(slot.provider.as_ref(), input_file.as_deref()).await;
+    }
+    Some(successors)
+}
+
+/// Writes `batch`'s `done`: every request not in `groups` got its terminal
+/// result; each group's requests go to a new batch with that attempt and
+/// requeue count, built from this batch's spool files before the `done`.
+/// Then the terminal offsets become committable. Returns the successors,
+/// or `None` if the `done` did not become durable (the partition's next
+/// owner carries on from the journal).
+async fn hand_off(
+    ctx: &BatchContext,
+    batch: &SealedBatch,
+    groups: Vec<(Vec<u32>, u32, u32)>,
+    reason: &str,
+    abandon: &CancellationToken,
+) -> Option<Vec<SealedBatch>> {
+    let mut successors: Vec<SealedBatch> = Vec::new();
+    for (picks, attempt, requeues) in groups {
+        let mut tries = 0;
+        let next = loop {
+            match batch.successor(&ctx.spool_dir, &picks, attempt, requeues) {
+                Ok(b) => break b,
+                Err(e) => {
+                    tracing::error!(batch = %batch.id, error = %e, "writing a successor batch failed; retrying");
+                    tries += 1;
+                    if !sleep_or_abandon(ctx.retry.backoff(tries), abandon).await {
+                        successors.iter().for_each(SealedBatch::remove_files);
+                        return None;
+                    }
+                }
+            }
+        };
+        successors.push(next);
+    }
+    let mut terminal: OffsetSet = batch.offsets.iter().copied().collect();
+    let released: Vec<Released> = successors
+        .iter()
+        .map(|s| {
+            let offsets: OffsetSet = s.offsets.iter().copied().collect();
+            terminal.remove_all(&offsets);
+            Released {
+                offsets,
+                attempt: s.attempt,
+                requeues: s.requeues,
+            }
+        })
+        .collect();
+    for s in &successors {
+        tracing::info!(batch = %batch.id, successor = %s.id, requests = s.len(), attempt = s.attempt, requeues = s.requeues, reason, "requests handed to a new batch");
+    }
+    let extra = Phased {
+        terminal: Some(terminal.clone()),
+        released,
+        ..Phased::default()
+    };
+    let confirmed = match record(ctx, batch, Phase::Done, extra, abandon).await {
+        Some(at) => confirm(ctx, batch, at, abandon).await,
+        None => false,
+    };
+    if !confirmed {
+        successors.iter().for_each(SealedBatch::remove_files);
+        return None;
+    }
+    crate::crash_point!("before_commit");
+    for s in &successors {
+        ctx.metrics
+            .requests_resubmitted(&batch.route.provider, reason, s.len());
+    }
+    let mut offsets = ctx.offsets.lock().expect("offset tracker lock");
+    for &o in batch.offsets.iter().filter(|&&o| terminal.contains(o)) {
+        offsets.complete(batch.partition, o);
+    }
+    Some(successors)
 }
 
 /// Where a batch's results come from.
@@ -794,7 +997,8 @@ enum Outcome<'a> {
 
 /// Publishes the batch's results (retrying until delivered or abandoned),
 /// records `done`, then releases its offsets and deletes its input file.
-/// `false` if it stopped before `done` was durable.
+/// Returns the batches its retried requests go to, or `None` if it stopped
+/// before `done` was durable.
 async fn finish(
     ctx: &BatchContext,
     collect_ctx: &CollectContext<'_>,
@@ -802,12 +1006,12 @@ async fn finish(
     input_file: Option<String>,
     outcome: Outcome<'_>,
     abandon: &CancellationToken,
-) -> bool {
+) -> Option<Vec<SealedBatch>> {
     if let Some(status) = collect_ctx.status {
         status.set_phase(BatchPhase::Collecting);
     }
     let mut attempt = 0;
-    let collected = loop {
+    let mut collected = loop {
         let published = match &outcome {
             Outcome::Collect(pb) => collector::collect(collect_ctx, batch, pb).await,
             Outcome::All(status, error) => {
@@ -821,40 +1025,31 @@ async fn finish(
                 attempt += 1;
                 let wait = ctx.retry.backoff(attempt);
                 if !sleep_or_abandon(wait, abandon).await {
-                    return false;
+                    return None;
                 }
             }
         }
     };
     ctx.budget.spend(collected.cost_usd);
-    let terminal: OffsetSet = batch.offsets.iter().copied().collect();
-    if record(
-        ctx,
-        batch,
-        Phase::Done,
-        Phased {
-            terminal: Some(terminal),
-            ..Phased::default()
-        },
-        abandon,
-    )
-    .await
-    .is_none()
-    {
-        return false;
+    let mut groups = Vec::new();
+    if !collected.retry.is_empty() {
+        let picks = std::mem::take(&mut collected.retry);
+        let attempt = batch.attempt + u32::from(collected.retry_spends_attempt);
+        groups.push((picks, attempt, batch.requeues));
     }
-    crate::crash_point!("before_commit");
-    {
-        let mut offsets = ctx.offsets.lock().expect("offset tracker lock");
-        for &o in &batch.offsets {
-            offsets.complete(batch.partition, o);
-        }
-    }
+    let reason = if collected.retry_spends_attempt {
+        "retry"
+    } else {
+        "failed_lines"
+    };
+    let successors = hand_off(ctx, batch, groups, reason, abandon).await?;
     ctx.metrics.results_published(&batch.route, &collected);
+    let published: u64 = collected.by_status.values().sum();
+    tracing::info!(batch = %batch.id, published, resubmitted = batch.len() as u64 - published, cost_usd = collected.cost_usd, "batch done");
     if let Some(f) = input_file {
         delete_file(collect_ctx.provider, Some(&f)).await;
     }
-    true
+    Some(successors)
 }
 
 #[cfg(test)]

@@ -630,6 +630,7 @@ fn every_metric_touched() -> Metrics {
             cost_usd: 0.001,
             input_tokens: 10,
             output_tokens: 20,
+            ..Collected::default()
         },
     );
     m.result_latency(1.0);
@@ -640,6 +641,7 @@ fn every_metric_touched() -> Metrics {
     m.input_retention_short(false);
     m.consumer_lag(0, 0);
     m.cancel_requested("openai");
+    m.requests_resubmitted("openai", "retry", 1);
     m.orphan_batch("openai");
     m.budget(Some(10.0), 1.5, 0.25, 0);
     m

@@ -14,6 +14,12 @@ use common::*;
 /// Asserts a succeeded chat result carries exactly what the simulator
 /// answers for its request.
 fn assert_chat_success(result: &serde_json::Value, request: &serde_json::Value) {
+    assert_chat_success_at(result, request, 1);
+}
+
+/// As [`assert_chat_success`], for a request that succeeded in its
+/// `attempt`-th batch.
+fn assert_chat_success_at(result: &serde_json::Value, request: &serde_json::Value, attempt: u64) {
     assert_eq!(result["status"], "succeeded", "{result}");
     let (content, finish) = chat_reply(&request["body"]);
     assert_eq!(
@@ -34,7 +40,7 @@ fn assert_chat_success(result: &serde_json::Value, request: &serde_json::Value) 
         Some(content.as_str())
     );
     assert!(result["batch_id"].as_str().unwrap().starts_with("batch_"));
-    assert_eq!(result["attempt"], 1);
+    assert_eq!(result["attempt"], attempt, "{result}");
     for t in ["received_at", "submitted_at", "ended_at"] {
         assert!(result["timings"][t].is_string(), "{t} missing: {result}");
     }
@@ -366,9 +372,15 @@ async fn provider_faults_give_the_right_statuses() {
         ..SimConfig::default()
     })
     .await;
-    let expiring = Sim::start(SimConfig {
+    let expiring_sim = Sim::start(SimConfig {
         expire_rate: 1.0,
         expire_completed_fraction: 0.5,
+        ..SimConfig::default()
+    })
+    .await;
+    let splitting = Sim::start(SimConfig {
+        token_limit_rate: 0.5,
+        seed,
         ..SimConfig::default()
     })
     .await;
@@ -387,14 +399,16 @@ async fn provider_faults_give_the_right_statuses() {
     cfg.providers
         .insert("failing".into(), provider(&failing.openai_url()));
     cfg.providers
-        .insert("expiring".into(), provider(&expiring.openai_url()));
+        .insert("expiring".into(), provider(&expiring_sim.openai_url()));
     cfg.providers
         .insert("flaky".into(), provider(&flaky.openai_url()));
+    cfg.providers
+        .insert("splitting".into(), provider(&splitting.openai_url()));
     let batchline = Batchline::start(cfg);
 
     let mut records = Vec::new();
     let mut requests = HashMap::new();
-    for provider in ["openai", "failing", "expiring", "flaky"] {
+    for provider in ["openai", "failing", "expiring", "flaky", "splitting"] {
         for i in 0..200 {
             let id = format!("{provider}-{i:03}");
             let request = chat_request(&id, provider, "gpt-4o-mini", &format!("question {i}"));
@@ -408,9 +422,10 @@ async fn provider_faults_give_the_right_statuses() {
     batchline.stop().await;
 
     let results = exactly_once(&read_all(&topics.results).await);
-    assert_eq!(results.len(), 800);
+    assert_eq!(results.len(), 1000);
     let result_schema = schema("result.schema.json");
-    let mut expired_batches: HashMap<String, (usize, usize)> = HashMap::new();
+    // Expiring: (successes by attempt, expired).
+    let mut expiring: (HashMap<u64, usize>, usize) = Default::default();
     for (id, r) in &results {
         assert_valid(&result_schema, r);
         match r["provider"].as_str().unwrap() {
@@ -434,23 +449,26 @@ async fn provider_faults_give_the_right_statuses() {
                 assert!(!r["error"]["message"].as_str().unwrap().is_empty(), "{r}");
                 assert!(r["batch_id"].as_str().unwrap().starts_with("batch_"));
             }
-            // An expired batch keeps its billed successes; the rest expire.
+            // An expired batch keeps its billed successes; the rest go to a
+            // new batch until retry.max_attempts (3) are spent.
             "expiring" => {
-                let entry = expired_batches
-                    .entry(r["batch_id"].as_str().unwrap().to_owned())
-                    .or_default();
+                let attempt = r["attempt"].as_u64().unwrap();
                 match r["status"].as_str().unwrap() {
                     "succeeded" => {
-                        assert_chat_success(r, &requests[id]);
-                        entry.0 += 1;
+                        assert_chat_success_at(r, &requests[id], attempt);
+                        *expiring.0.entry(attempt).or_default() += 1;
                     }
                     "expired" => {
                         assert_eq!(r["error"]["type"], "batch_expired", "{r}");
-                        entry.1 += 1;
+                        assert_eq!(attempt, 3, "expired only once every attempt is spent: {r}");
+                        expiring.1 += 1;
                     }
                     other => panic!("unexpected status {other}: {r}"),
                 }
             }
+            // Batches failed for the enqueued token limit are split and
+            // sent again, without spending an attempt: all succeed.
+            "splitting" => assert_chat_success(r, &requests[id]),
             // 429s, 5xx and ambiguous creates are retried or resolved: all succeed.
             "flaky" => assert_chat_success(r, &requests[id]),
             other => panic!("unexpected provider {other}"),
@@ -459,8 +477,36 @@ async fn provider_faults_give_the_right_statuses() {
     assert!(results
         .values()
         .any(|r| r["provider"] == "openai" && r["status"] == "errored"));
-    for (batch, (succeeded, expired)) in &expired_batches {
-        assert_eq!(*succeeded, (succeeded + expired) / 2, "batch {batch}");
+    // Half of each batch ran before it expired: 200 -> 100 + 50 + 25
+    // successes (give or take a request per odd batch), the rest expired.
+    let (by_attempt, expired) = &expiring;
+    assert!(
+        by_attempt.keys().all(|a| (1..=3).contains(a)),
+        "{by_attempt:?}"
+    );
+    for attempt in 1..=3 {
+        assert!(
+            by_attempt.get(&attempt).copied().unwrap_or(0) > 0,
+            "{by_attempt:?}"
+        );
+    }
+    assert!(
+        *expired > 0 && *expired < 50,
+        "{expired} expired, {by_attempt:?}"
+    );
+    // A success is billed once, an expired request never, however many
+    // batches it went through.
+    let stats = expiring_sim.stats().await;
+    for (id, r) in results.iter().filter(|(_, r)| r["provider"] == "expiring") {
+        let billed = stats["custom_ids"][id]["billed"].as_u64().unwrap_or(0);
+        assert_eq!(billed, u64::from(r["status"] == "succeeded"), "{id}: {r}");
+    }
+    let stats = splitting.stats().await;
+    for i in 0..200 {
+        assert_eq!(
+            stats["custom_ids"][format!("splitting-{i:03}")]["billed"],
+            1
+        );
     }
     // Ambiguous creates never billed a request twice.
     let stats = flaky.stats().await;

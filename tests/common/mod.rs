@@ -92,10 +92,19 @@ fn start_tansu() -> String {
     brokers
 }
 
+static BROKERS: OnceLock<String> = OnceLock::new();
+
 /// The brokers every test in this process uses.
 pub fn brokers() -> &'static str {
-    static BROKERS: OnceLock<String> = OnceLock::new();
     BROKERS.get_or_init(|| std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| start_tansu()))
+}
+
+/// Points every helper of this test process at `addr` instead (a test that
+/// starts and restarts its own broker). Must come before any `brokers()`.
+pub fn use_brokers(addr: &str) {
+    BROKERS
+        .set(addr.to_owned())
+        .expect("use_brokers comes before any use of brokers()");
 }
 
 /// A name unique to this test run.
@@ -304,20 +313,31 @@ pub async fn read_all(topic: &str) -> Vec<Record> {
 
 /// Reads `topic` from the start until every key in `expected` has appeared.
 pub fn wait_for_keys(topic: &str, expected: &HashSet<String>, timeout: Duration) -> Vec<Record> {
+    let (out, missing) = read_until_keys(topic, expected, timeout);
+    if !missing.is_empty() {
+        let sample: Vec<_> = missing.iter().take(5).collect();
+        panic!(
+            "{} of {} results missing on {topic} after {timeout:?}, e.g. {sample:?}",
+            missing.len(),
+            expected.len()
+        );
+    }
+    out
+}
+
+/// Reads `topic` from the start until every key in `expected` has appeared
+/// or `timeout` has passed: the records read and the keys still missing.
+pub fn read_until_keys(
+    topic: &str,
+    expected: &HashSet<String>,
+    timeout: Duration,
+) -> (Vec<Record>, HashSet<String>) {
     let (consumer, _) = reader(topic);
     tokio::task::block_in_place(|| {
         let mut missing = expected.clone();
         let mut out = Vec::new();
         let deadline = Instant::now() + timeout;
-        while !missing.is_empty() {
-            if Instant::now() > deadline {
-                let sample: Vec<_> = missing.iter().take(5).collect();
-                panic!(
-                    "{} of {} results missing on {topic} after {timeout:?}, e.g. {sample:?}",
-                    missing.len(),
-                    expected.len()
-                );
-            }
+        while !missing.is_empty() && Instant::now() < deadline {
             let Some(m) = consumer.poll(Duration::from_millis(200)) else {
                 continue;
             };
@@ -325,7 +345,7 @@ pub fn wait_for_keys(topic: &str, expected: &HashSet<String>, timeout: Duration)
             missing.remove(r.key_str());
             out.push(r);
         }
-        out
+        (out, missing)
     })
 }
 
@@ -494,6 +514,15 @@ pub struct Batchline {
 impl Batchline {
     pub fn start(cfg: Config) -> Batchline {
         cfg.validate().expect("test configuration is valid");
+        // RUST_LOG=batchline=info writes batchline's log to standard error
+        // (every thread's, which the test harness would not capture).
+        if let Ok(filter) = std::env::var("RUST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(batchline::app::run(cfg, shutdown.clone()));
         Batchline { shutdown, handle }
