@@ -6,7 +6,7 @@
 //! anywhere fails, and the batch is then looked up by its tag. Definite
 //! refusals follow DESIGN.md "Creates are not idempotent".
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,27 +52,38 @@ pub struct BatchContext {
     pub retry: RetryConfig,
     pub metrics: Metrics,
     pub journal: Arc<crate::state::Journal>,
-    /// Provider batch ids this instance created or adopted: never a
-    /// candidate for another batch's ambiguous create.
-    pub known_batches: Mutex<HashSet<String>>,
+    /// Provider batch ids this instance created or adopted, with the local
+    /// batch each belongs to: never a candidate for another local batch's
+    /// ambiguous create. It may well be one for its own, when the same
+    /// instance resolves a create it sent under an earlier epoch (the
+    /// partition came back to it).
+    pub known_batches: Mutex<HashMap<String, String>>,
     /// The in-flight batches the status API shows.
     pub status: Registry,
     pub budget: Arc<Budget>,
 }
 
 impl BatchContext {
-    fn owns(&self, provider_batch: &str) -> bool {
+    /// Whether `provider_batch` belongs to a local batch other than `local`.
+    fn belongs_elsewhere(&self, provider_batch: &str, local: &str) -> bool {
         self.known_batches
             .lock()
             .expect("known batches lock")
-            .contains(provider_batch)
+            .get(provider_batch)
+            .is_some_and(|owner| owner != local)
     }
 
-    fn claim(&self, provider_batch: &str) -> bool {
-        self.known_batches
-            .lock()
-            .expect("known batches lock")
-            .insert(provider_batch.to_owned())
+    /// Records that `provider_batch` is `local`'s; `false` if it is known
+    /// as another local batch's.
+    fn claim(&self, provider_batch: &str, local: &str) -> bool {
+        let mut known = self.known_batches.lock().expect("known batches lock");
+        match known.get(provider_batch) {
+            Some(owner) => owner == local,
+            None => {
+                known.insert(provider_batch.to_owned(), local.to_owned());
+                true
+            }
+        }
     }
 }
 
@@ -285,7 +296,7 @@ async fn submit(
             }
             match provider.create(batch, file_id.as_deref()).await {
                 Ok(pb) => {
-                    ctx.claim(&pb.id);
+                    ctx.claim(&pb.id, &batch.id);
                     ctx.metrics.route_ok(provider.name());
                     crate::crash_point!("after_create");
                     if !record_submitted(ctx, batch, &pb, abandon).await {
@@ -386,7 +397,10 @@ async fn resolve_ambiguous(
             }
         }
     };
-    for candidate in candidates.into_iter().filter(|c| !ctx.owns(&c.id)) {
+    for candidate in candidates
+        .into_iter()
+        .filter(|c| !ctx.belongs_elsewhere(&c.id, &batch.id))
+    {
         // A tag match is exact; a match by time and size must show our
         // custom_ids before it is ours (DESIGN.md "Creates are not idempotent").
         let adopted = if provider.tags_batches() {
@@ -399,7 +413,7 @@ async fn resolve_ambiguous(
             }
         };
         if let Some(pb) = adopted {
-            if ctx.claim(&pb.id) {
+            if ctx.claim(&pb.id, &batch.id) {
                 tracing::info!(provider = provider.name(), batch = %batch.id, provider_batch = %pb.id, "ambiguous create took effect; adopting");
                 return Some(Some(pb));
             }
@@ -745,7 +759,7 @@ async fn drive_batch(
                 }
             }
             Start::Attach(id, input_file_id) => {
-                ctx.claim(&id);
+                ctx.claim(&id, &batch.id);
                 let pb = ProviderBatch {
                     id,
                     state: BatchState::Validating,
