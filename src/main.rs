@@ -142,6 +142,10 @@ struct SimArgs {
     /// Fraction of batches that fail with token_limit_exceeded.
     #[arg(long, default_value_t = 0.0)]
     token_limit_rate: f64,
+    /// Fraction of custom_ids whose line fails validation, failing the batch
+    /// with an error naming that line.
+    #[arg(long, default_value_t = 0.0)]
+    invalid_line_rate: f64,
     /// Fraction of batches that expire.
     #[arg(long, default_value_t = 0.0)]
     expire_rate: f64,
@@ -240,6 +244,7 @@ async fn main() -> anyhow::Result<()> {
                 drop_rate: args.drop_rate,
                 fail_rate: args.fail_rate,
                 token_limit_rate: args.token_limit_rate,
+                invalid_line_rate: args.invalid_line_rate,
                 expire_rate: args.expire_rate,
                 expire_completed_fraction: args.expire_completed_fraction,
                 http_429_rate: args.http_429_rate,

@@ -855,7 +855,7 @@ async fn drive_batch(
             tracing::info!(batch = %batch.id, provider_batch = %pb.id, state = pb.state.as_str(), secs = started.elapsed().as_secs_f64(), "batch ended");
             ctx.metrics
                 .batch_ended(&batch.route, pb.state.as_str(), started.elapsed());
-            if let Some(error) = token_limit(&pb) {
+            if let Some(error) = too_large(&pb) {
                 if batch.requeues < ctx.retry.max_requeues {
                     return split(&ctx, batch, input_file, &error, &abandon)
                         .await
@@ -887,14 +887,16 @@ async fn drive_batch(
     }
 }
 
-/// The error of a batch the provider failed as a whole for its enqueued
-/// token limit (OpenAI `token_limit_exceeded`, no line named).
-fn token_limit(pb: &ProviderBatch) -> Option<ErrorInfo> {
+/// The error of a batch the provider failed for its size: its enqueued
+/// token limit (OpenAI `token_limit_exceeded`), or too many requests or
+/// embedding inputs (`too_many_tasks`, which names the line where the
+/// limit was crossed, though that line is not at fault).
+fn too_large(pb: &ProviderBatch) -> Option<ErrorInfo> {
     (pb.state == BatchState::Failed)
         .then(|| {
-            pb.errors
-                .iter()
-                .find(|e| e.code == "token_limit_exceeded" && e.line.is_none())
+            pb.errors.iter().find(|e| {
+                (e.code == "token_limit_exceeded" && e.line.is_none()) || e.code == "too_many_tasks"
+            })
         })
         .flatten()
         .map(|e| ErrorInfo::new(e.code.clone(), e.message.clone()))
@@ -1079,6 +1081,33 @@ mod tests {
             message: message.into(),
             retry_after: Some(Duration::from_secs(2)),
         }
+    }
+
+    #[test]
+    fn size_failures_split_and_named_lines_do_not() {
+        let failed = |code: &str, line: Option<u64>| ProviderBatch {
+            id: "batch_1".into(),
+            state: BatchState::Failed,
+            counts: RequestCounts::default(),
+            input_file_id: None,
+            output_file_id: None,
+            error_file_id: None,
+            errors: vec![crate::provider::BatchError {
+                code: code.into(),
+                message: "m".into(),
+                line,
+            }],
+            tag: None,
+            created_at: None,
+            ended_at: None,
+        };
+        assert!(too_large(&failed("token_limit_exceeded", None)).is_some());
+        assert!(too_large(&failed("too_many_tasks", Some(50_001))).is_some());
+        assert!(too_large(&failed("invalid_value", Some(3))).is_none());
+        assert!(too_large(&failed("invalid_request", None)).is_none());
+        let mut completed = failed("token_limit_exceeded", None);
+        completed.state = BatchState::Completed;
+        assert!(too_large(&completed).is_none());
     }
 
     #[test]

@@ -384,6 +384,12 @@ async fn provider_faults_give_the_right_statuses() {
         ..SimConfig::default()
     })
     .await;
+    let invalid = Sim::start(SimConfig {
+        invalid_line_rate: 0.05,
+        seed,
+        ..SimConfig::default()
+    })
+    .await;
     let flaky = Sim::start(SimConfig {
         http_429_rate: 0.2,
         http_5xx_rate: 0.1,
@@ -404,11 +410,20 @@ async fn provider_faults_give_the_right_statuses() {
         .insert("flaky".into(), provider(&flaky.openai_url()));
     cfg.providers
         .insert("splitting".into(), provider(&splitting.openai_url()));
+    cfg.providers
+        .insert("invalid".into(), provider(&invalid.openai_url()));
     let batchline = Batchline::start(cfg);
 
     let mut records = Vec::new();
     let mut requests = HashMap::new();
-    for provider in ["openai", "failing", "expiring", "flaky", "splitting"] {
+    for provider in [
+        "openai",
+        "failing",
+        "expiring",
+        "flaky",
+        "splitting",
+        "invalid",
+    ] {
         for i in 0..200 {
             let id = format!("{provider}-{i:03}");
             let request = chat_request(&id, provider, "gpt-4o-mini", &format!("question {i}"));
@@ -422,7 +437,7 @@ async fn provider_faults_give_the_right_statuses() {
     batchline.stop().await;
 
     let results = exactly_once(&read_all(&topics.results).await);
-    assert_eq!(results.len(), 1000);
+    assert_eq!(results.len(), 1200);
     let result_schema = schema("result.schema.json");
     // Expiring: (successes by attempt, expired).
     let mut expiring: (HashMap<u64, usize>, usize) = Default::default();
@@ -469,6 +484,17 @@ async fn provider_faults_give_the_right_statuses() {
             // Batches failed for the enqueued token limit are split and
             // sent again, without spending an attempt: all succeed.
             "splitting" => assert_chat_success(r, &requests[id]),
+            // A batch failed for a named line errors that line and sends
+            // the rest again, without spending an attempt.
+            "invalid" => {
+                if batchline::sim::openai::invalid_line(id, 0.05, seed) {
+                    assert_eq!(r["status"], "errored", "{r}");
+                    assert_eq!(r["error"]["type"], "invalid_value", "{r}");
+                    assert_eq!(r["attempt"], 1, "{r}");
+                } else {
+                    assert_chat_success(r, &requests[id]);
+                }
+            }
             // 429s, 5xx and ambiguous creates are retried or resolved: all succeed.
             "flaky" => assert_chat_success(r, &requests[id]),
             other => panic!("unexpected provider {other}"),

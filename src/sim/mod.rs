@@ -64,6 +64,7 @@ use tokio_util::task::TaskTracker;
 /// | `drop_rate` | no entry in the results stream (counted succeeded) | no row (counted succeeded) |
 /// | `fail_rate` | every request `errored` (no failed batch) | `cancel_by_xai_message` set, counters 0 |
 /// | `token_limit_rate` | unused | unused |
+/// | `invalid_line_rate` | unused | unused |
 /// | `expire_rate`, `expire_completed_fraction` | the rest `expired` | the rest stay pending until cancelled |
 /// | faults | 429 `rate_limit_error`; 500 `api_error` / 529 `overloaded_error` | 429; 500 / 503 |
 #[derive(Debug, Clone)]
@@ -95,6 +96,10 @@ pub struct SimConfig {
     /// Fraction of batches that go `validating -> failed` with
     /// `token_limit_exceeded`.
     pub token_limit_rate: f64,
+    /// Fraction of custom_ids whose input line fails validation (OpenAI):
+    /// a batch holding one goes `validating -> failed`, its error naming
+    /// the first such line, as the real API names an invalid line.
+    pub invalid_line_rate: f64,
     /// Fraction of batches that expire.
     pub expire_rate: f64,
     /// In an expiring batch, the first `floor(n * f)` lines (file order)
@@ -129,6 +134,7 @@ impl Default for SimConfig {
             drop_rate: 0.0,
             fail_rate: 0.0,
             token_limit_rate: 0.0,
+            invalid_line_rate: 0.0,
             expire_rate: 0.0,
             expire_completed_fraction: 0.0,
             http_429_rate: 0.0,

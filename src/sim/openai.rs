@@ -45,7 +45,7 @@ use super::store::{self, Records, Slot};
 use super::{lock, random_base62, random_hex, unix_millis, unix_now, CallFault, Sim};
 
 pub use completions::{
-    chat_reply, dropped_result, injected_error, injected_error_status, response_body,
+    chat_reply, dropped_result, injected_error, injected_error_status, invalid_line, response_body,
 };
 
 /// Endpoints a batch may target (CreateBatchRequest.endpoint).

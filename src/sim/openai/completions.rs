@@ -28,6 +28,15 @@ pub fn injected_error(custom_id: &str, rate: f64, seed: u64) -> bool {
     unit_interval(xxh3_64_with_seed(custom_id.as_bytes(), seed)) < rate
 }
 
+/// Salt that makes the invalid-line draw independent of the others.
+const INVALID_LINE_SALT: u64 = 0x1a7a_11d0_0000_0001;
+
+/// Whether the input line of the request with this `custom_id` fails
+/// validation (the simulator's `invalid_line_rate`).
+pub fn invalid_line(custom_id: &str, rate: f64, seed: u64) -> bool {
+    injected_error(custom_id, rate, seed ^ INVALID_LINE_SALT)
+}
+
 /// Salt that makes the dropped-result draw independent of the error draw.
 const DROP_SALT: u64 = 0xd20f_0000_0000_0001;
 

@@ -161,13 +161,14 @@ async fn validate_batch(
         .get(&batch.input_file_id)
         .map(|_| state.file_path(&batch.input_file_id));
     let endpoint = batch.endpoint.clone();
+    let invalid = (config.invalid_line_rate, config.seed);
     let checked = match input_path {
         None => None,
         Some(path) => {
             state
                 .sim
                 .blocking(move || {
-                    Ok(open_and_validate(&path, &endpoint)?
+                    Ok(open_and_validate(&path, &endpoint, invalid)?
                         .map(|(input, verdict)| (path, input, verdict)))
                 })
                 .await?
@@ -495,19 +496,30 @@ struct ValidInput {
 fn open_and_validate(
     path: &Path,
     endpoint: &str,
+    invalid: (f64, u64),
 ) -> io::Result<Option<(File, Result<ValidInput, BatchError>)>> {
     let mut input = match File::open(path) {
         Ok(input) => input,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(err),
     };
-    let verdict = validate(&mut input, endpoint)?;
+    let verdict = validate(&mut input, endpoint, invalid)?;
     Ok(Some((input, verdict)))
 }
 
 /// Checks every line of the input file against the batch's rules, stopping
 /// at the first broken one.
-fn validate(input: &mut File, endpoint: &str) -> io::Result<Result<ValidInput, BatchError>> {
+/// The message of a line failed by `invalid_line_rate`.
+pub(crate) const INVALID_LINE_MESSAGE: &str =
+    "Invalid 'body': this request was rejected by the simulator's invalid_line_rate.";
+
+/// Validates the input file as the real API does, first error wins.
+/// `invalid` is `(invalid_line_rate, seed)`.
+fn validate(
+    input: &mut File,
+    endpoint: &str,
+    invalid: (f64, u64),
+) -> io::Result<Result<ValidInput, BatchError>> {
     if input.metadata()?.len() > MAX_INPUT_BYTES {
         return Ok(Err(BatchError::whole_file(
             "file_too_large",
@@ -562,6 +574,14 @@ fn validate(input: &mut File, endpoint: &str) -> io::Result<Result<ValidInput, B
                 )));
             }
             Some(_) => {}
+        }
+        if super::invalid_line(&request.custom_id, invalid.0, invalid.1) {
+            return Ok(Err(BatchError::at_line(
+                "invalid_value",
+                INVALID_LINE_MESSAGE,
+                Some("body"),
+                line_number,
+            )));
         }
         if !custom_ids.insert(request.custom_id) {
             return Ok(Err(BatchError::at_line(
@@ -1050,7 +1070,7 @@ mod tests {
         let mut file = tempfile::tempfile().expect("tempfile");
         file.write_all(text.as_bytes()).expect("write");
         file.seek(SeekFrom::Start(0)).expect("seek");
-        validate(&mut file, endpoint).expect("io")
+        validate(&mut file, endpoint, (0.0, 0)).expect("io")
     }
 
     fn line(custom_id: &str, model: &str) -> String {
