@@ -461,6 +461,10 @@ fn other_claim_between(
             continue;
         };
         let m = m.map_err(|e| read_err(e.to_string()))?;
+        if m.offset() < next {
+            // Handed out again (see `read_back`): read once.
+            continue;
+        }
         next = m.offset() + 1;
         if m.offset() >= upto {
             break;
@@ -500,6 +504,7 @@ pub fn read_back(
     let mut records: Vec<Option<Record>> = Vec::new();
     let mut keys: HashMap<String, Vec<String>> = HashMap::new();
     let deadline = Instant::now() + timeout;
+    let mut next = 0;
     loop {
         if Instant::now() >= deadline {
             return Err(read_err(format!(
@@ -511,6 +516,13 @@ pub fn read_back(
             continue;
         };
         let m = m.map_err(|e| read_err(e.to_string()))?;
+        // Each offset once, in order: a broker may hand a compacted
+        // partition's records out again after later ones (Tansu does), and
+        // an old claim read twice would void the records after it.
+        if m.offset() < next {
+            continue;
+        }
+        next = m.offset() + 1;
         let key = m
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())
