@@ -15,7 +15,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -171,10 +171,6 @@ fn wait_for_line(log: &Path, matches: impl Fn(&str) -> bool, count: usize) {
     }
 }
 
-fn wait_for_log(log: &Path, needle: &str, count: usize) {
-    tokio::task::block_in_place(|| wait_for_line(log, |l| l.contains(needle), count))
-}
-
 /// A temporary directory kept when the test fails: batchline's and Tansu's
 /// logs, and Tansu's database (`sqlite3 tansu.db`).
 struct KeepOnPanic(Option<tempfile::TempDir>);
@@ -189,142 +185,6 @@ impl Drop for KeepOnPanic {
             );
         }
     }
-}
-
-/// batchline as a child process (as in tests/crash.rs).
-struct Process {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Process {
-    fn start(config: &Path, log: PathBuf) -> Process {
-        let child = Command::new(env!("CARGO_BIN_EXE_batchline"))
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .env("OPENAI_API_KEY", "sk-test")
-            .env(
-                "RUST_LOG",
-                std::env::var("BATCHLINE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env_remove("FAILPOINTS")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting batchline");
-        Process { child, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Panics, with the log, if batchline has exited: it must ride out a
-    /// broker outage.
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!(
-                "batchline exited ({status}) across the broker restart; log:\n{}",
-                self.log_text()
-            );
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn stop(mut self) {
-        self.assert_running();
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "batchline exited with {status} after SIGTERM; log:\n{}",
-                    self.log_text()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "batchline ignored SIGTERM; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn write_config(dir: &Path, topics: &Topics, sim: &Sim) -> PathBuf {
-    let toml = format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-group_id = "{group}"
-[kafka.consumer]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "500"
-"topic.metadata.refresh.interval.ms" = "1000"
-
-[topics]
-requests = "{requests}"
-results = "{results}"
-dlq = "{dlq}"
-state = "{state}"
-
-[window]
-max_wait = "300ms"
-max_requests = 100
-
-[routing]
-default_provider = "openai"
-
-# Four batches at a time: the 2,000 requests go through in waves, so that
-# the broker goes down with some batches done, some in flight, some waiting.
-[providers.openai]
-base_url = "{openai}"
-poll_interval = "100ms"
-max_batches_in_flight = 4
-
-[batch]
-lookup_grace = "300ms"
-create_deadline = "10s"
-
-[retry]
-initial_backoff = "50ms"
-max_backoff = "500ms"
-
-[spool]
-dir = "{spool}"
-
-[http]
-listen = "127.0.0.1:0"
-
-[shutdown]
-timeout = "20s"
-"#,
-        brokers = brokers(),
-        group = topics.group,
-        requests = topics.requests,
-        results = topics.results,
-        dlq = topics.dlq,
-        state = topics.state,
-        openai = sim.openai_url(),
-        spool = dir.join("spool").display(),
-    );
-    let path = dir.join("batchline.toml");
-    std::fs::write(&path, toml).unwrap();
-    path
 }
 
 /// The simulator's batches by status.
@@ -385,7 +245,7 @@ async fn broker_restart_mid_run_keeps_the_promise_and_compacts_to_open_batches()
     })
     .await;
     let topics = Topics::create(4).await;
-    let config = write_config(dir.path(), &topics, &sim);
+    let config = write_config(dir.path(), &topics, &sim, "openai", Some(4));
     let n = 2000;
     let records: Vec<Produce> = (0..n)
         .map(|i| {
@@ -402,7 +262,7 @@ async fn broker_restart_mid_run_keeps_the_promise_and_compacts_to_open_batches()
         .collect();
 
     let log = dir.path().join("batchline.log");
-    let mut process = Process::start(&config, log.clone());
+    let mut process = Process::start(&config, None, log.clone());
     wait_for_log(&log, "partition ready", 4);
     produce_unbatched(&topics.requests, &records).await;
 

@@ -10,182 +10,9 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-/// batchline as a child process on a config file written for it.
-struct Process {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-fn write_config(dir: &Path, topics: &Topics, sim: &Sim, provider: &str) -> std::path::PathBuf {
-    let spool = dir.join("spool");
-    let base = |prefix: &str| format!("http://{}/{prefix}/v1", sim.addr);
-    let toml = format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-group_id = "{group}"
-[kafka.consumer]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "500"
-"topic.metadata.refresh.interval.ms" = "1000"
-
-[topics]
-requests = "{requests}"
-results = "{results}"
-dlq = "{dlq}"
-state = "{state}"
-
-[window]
-max_wait = "300ms"
-max_requests = 100
-
-[routing]
-default_provider = "{provider}"
-
-[providers.openai]
-base_url = "{openai}"
-poll_interval = "100ms"
-[providers.anthropic]
-base_url = "{anthropic}"
-poll_interval = "100ms"
-[providers.xai]
-base_url = "{xai}"
-poll_interval = "100ms"
-
-[batch]
-lookup_grace = "300ms"
-create_deadline = "10s"
-
-[retry]
-initial_backoff = "50ms"
-max_backoff = "500ms"
-
-[spool]
-dir = "{spool}"
-
-[http]
-listen = "127.0.0.1:0"
-
-[shutdown]
-timeout = "20s"
-"#,
-        brokers = brokers(),
-        group = topics.group,
-        requests = topics.requests,
-        results = topics.results,
-        dlq = topics.dlq,
-        state = topics.state,
-        openai = base("openai"),
-        anthropic = base("anthropic"),
-        xai = base("xai"),
-        spool = spool.display(),
-    );
-    let path = dir.join("batchline.toml");
-    std::fs::write(&path, toml).unwrap();
-    path
-}
-
-impl Process {
-    fn start(config: &Path, failpoint: Option<&str>, log: std::path::PathBuf) -> Process {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_batchline"));
-        cmd.arg("--config")
-            .arg(config)
-            .arg("run")
-            .env("OPENAI_API_KEY", "sk-test")
-            .env("ANTHROPIC_API_KEY", "sk-ant-test")
-            .env("XAI_API_KEY", "xai-test")
-            // `BATCHLINE_TEST_LOG` overrides the children's filter, e.g.
-            // `info,batchline=debug` when chasing a chaos failure.
-            .env(
-                "RUST_LOG",
-                std::env::var("BATCHLINE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env_remove("FAILPOINTS")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        if let Some(fp) = failpoint {
-            cmd.env("FAILPOINTS", format!("{fp}=return"));
-        }
-        Process {
-            child: cmd.spawn().expect("starting batchline"),
-            log,
-        }
-    }
-
-    /// Waits for the process to die at its failpoint.
-    fn wait_for_abort(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(
-                    !status.success(),
-                    "batchline exited cleanly instead of aborting"
-                );
-                return;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "batchline did not reach its failpoint within {timeout:?}; log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "batchline exited with {status} after SIGTERM; log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-                return;
-            }
-            assert!(Instant::now() < deadline, "batchline ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-/// Waits until `log` has `count` lines containing `needle`.
-fn wait_for_log(log: &Path, needle: &str, count: usize) {
-    tokio::task::block_in_place(|| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            if text.lines().filter(|l| l.contains(needle)).count() >= count {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never logged {count} × `{needle}`:\n{text}",
-                log.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Runs `n` requests for `provider` through a batchline that aborts at
 /// `failpoint`, then through a fresh one, and checks the promise.
@@ -199,7 +26,7 @@ async fn crash_and_recover(provider: &str, model: &str, failpoint: &str) {
     .await;
     let topics = Topics::create(2).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &topics, &sim, provider);
+    let config = write_config(dir.path(), &topics, &sim, provider, None);
     let records: Vec<Produce> = (0..n)
         .map(|i| {
             let id = format!("{failpoint}-{provider}-{i:04}");
@@ -320,7 +147,7 @@ async fn partitions_move_between_instances_with_batches_in_flight() {
     let config = |name: &str| {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
-        write_config(&d, &topics, &sim, "openai")
+        write_config(&d, &topics, &sim, "openai", None)
     };
     let n = 2000;
     let records: Vec<Produce> = (0..n)
@@ -423,7 +250,7 @@ async fn chaos() {
         generation += 1;
         let d = dir.join(format!("i{generation}"));
         std::fs::create_dir_all(&d).unwrap();
-        let config = write_config(&d, &topics, &sim, "openai");
+        let config = write_config(&d, &topics, &sim, "openai", None);
         let log = d.join("batchline.log");
         (Process::start(&config, None, log.clone()), log)
     };

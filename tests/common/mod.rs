@@ -22,6 +22,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+mod process;
+#[allow(unused_imports)]
+pub use process::{wait_for_log, write_config, Process};
+
 pub use batchline::sim::SimConfig;
 
 /// How long a test waits for its results before failing.
