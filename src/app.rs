@@ -44,11 +44,13 @@ pub enum AppError {
         name: String,
         source: provider::ProviderError,
     },
-    #[error("creating spool directory {path}: {source}")]
+    #[error("preparing spool directory {path}: {source}")]
     Spool {
         path: String,
         source: std::io::Error,
     },
+    #[error("spool directory {0} is in use by another batchline process; give each instance a spool.dir of its own")]
+    SpoolInUse(String),
     #[error("preparing topics: {0}")]
     Topics(String),
     #[error("http server on {addr}: {source}")]
@@ -65,9 +67,13 @@ pub enum AppError {
 /// Runs batchline until `shutdown` fires, then drains and returns.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
-    std::fs::create_dir_all(&cfg.spool.dir).map_err(|source| AppError::Spool {
-        path: cfg.spool.dir.display().to_string(),
-        source,
+    // Held until this function returns.
+    let _spool_lock = take_spool(&cfg.spool.dir).map_err(|e| match e {
+        SpoolTaken::InUse => AppError::SpoolInUse(cfg.spool.dir.display().to_string()),
+        SpoolTaken::Io(source) => AppError::Spool {
+            path: cfg.spool.dir.display().to_string(),
+            source,
+        },
     })?;
     let readiness = Readiness::new();
     let metrics = Metrics::with_readiness(readiness.clone());
@@ -220,6 +226,54 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
 }
 
 /// Publishes refused inputs, then releases their offsets.
+/// Why `spool.dir` could not be taken.
+#[derive(Debug)]
+enum SpoolTaken {
+    /// Another process (or another run in this one) holds its lock.
+    InUse,
+    Io(std::io::Error),
+}
+
+/// Takes `dir` for this process: an exclusive lock on its `.lock` file,
+/// held as long as the returned file is open, then the removal of the
+/// spool files an earlier process left behind (a crash leaves its windows
+/// and downloads). No restart needs them: open batches are rebuilt from
+/// the input topic and the journal.
+fn take_spool(dir: &std::path::Path) -> Result<std::fs::File, SpoolTaken> {
+    use std::os::fd::AsRawFd;
+    let spool_err = SpoolTaken::Io;
+    std::fs::create_dir_all(dir).map_err(spool_err)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".lock"))
+        .map_err(spool_err)?;
+    // SAFETY: flock on a descriptor this function owns; no memory involved.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => SpoolTaken::InUse,
+            _ => spool_err(e),
+        });
+    }
+    let mut removed = 0u64;
+    for entry in std::fs::read_dir(dir).map_err(spool_err)?.flatten() {
+        let path = entry.path();
+        let leftover = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".jsonl"));
+        if leftover && entry.file_type().is_ok_and(|t| t.is_file()) {
+            removed += u64::from(std::fs::remove_file(&path).is_ok());
+        }
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), files = removed, "removed spool files an earlier process left");
+    }
+    Ok(lock)
+}
+
 async fn publish_rejections(
     mut rx: mpsc::Receiver<RejectedInput>,
     publisher: Arc<Publisher>,
@@ -601,5 +655,28 @@ mod tests {
         assert_eq!(layout(Some(2), 8).state_partitions_problem("s"), None);
         // No input topic yet: nothing to compare with.
         assert_eq!(layout(None, 1).state_partitions_problem("s"), None);
+    }
+
+    #[test]
+    fn a_spool_dir_is_taken_once_and_cleared_of_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        std::fs::write(spool.join("bl-0-x.7.jsonl"), "{}\n").unwrap();
+        std::fs::write(spool.join("bl-0-x.7.meta.jsonl"), "{}\n").unwrap();
+        std::fs::write(spool.join("keep.txt"), "not ours").unwrap();
+        let held = take_spool(&spool).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&spool)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".lock", "keep.txt"]);
+        match take_spool(&spool) {
+            Err(SpoolTaken::InUse) => {}
+            other => panic!("a second taker got {other:?}"),
+        }
+        drop(held);
+        assert!(take_spool(&spool).is_ok(), "free again once released");
     }
 }
