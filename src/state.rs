@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -419,8 +419,8 @@ impl ReaderConfig {
         }
     }
 
-    /// A consumer outside the group on state partition `p`, from `from`.
-    fn assign(&self, p: i32, from: Offset) -> Result<BaseConsumer, StateError> {
+    /// A reader outside the group on state partition `p`, from `from`.
+    fn assign(&self, p: i32, from: Offset) -> Result<InOrder, StateError> {
         let read_err = |e: KafkaError| StateError::Read {
             partition: p,
             message: e.to_string(),
@@ -430,7 +430,35 @@ impl ReaderConfig {
         tpl.add_partition_offset(&self.topic, p, from)
             .map_err(read_err)?;
         consumer.assign(&tpl).map_err(read_err)?;
-        Ok(consumer)
+        let next = match from {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        Ok(InOrder { consumer, next })
+    }
+}
+
+/// A state partition's records, each offset once and in order: a broker may
+/// hand a compacted partition's records out again after later ones (Tansu
+/// does), and an old claim read twice would void the records after it.
+struct InOrder {
+    consumer: BaseConsumer,
+    /// The offset after the last record handed out.
+    next: i64,
+}
+
+impl InOrder {
+    /// The next record not yet handed out; `None` when none came within
+    /// `wait`.
+    fn poll(&mut self, wait: Duration) -> Option<KafkaResult<BorrowedMessage<'_>>> {
+        match self.consumer.poll(wait)? {
+            Ok(m) if m.offset() < self.next => None,
+            Ok(m) => {
+                self.next = m.offset() + 1;
+                Some(Ok(m))
+            }
+            Err(e) => Some(Err(e)),
+        }
     }
 }
 
@@ -447,25 +475,20 @@ fn other_claim_between(
         partition: p,
         message,
     };
-    let consumer = cfg.assign(p, Offset::Offset(from + 1))?;
+    let mut reader = cfg.assign(p, Offset::Offset(from + 1))?;
     let claim_prefix = format!("{p}/claim/");
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut next = from + 1;
-    while next < upto {
+    while reader.next < upto {
         if Instant::now() >= deadline {
             return Err(read_err(format!(
-                "confirming a record: offset {upto} not reached (at {next})"
+                "confirming a record: offset {upto} not reached (at {})",
+                reader.next
             )));
         }
-        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+        let Some(m) = reader.poll(Duration::from_millis(100)) else {
             continue;
         };
         let m = m.map_err(|e| read_err(e.to_string()))?;
-        if m.offset() < next {
-            // Handed out again (see `read_back`): read once.
-            continue;
-        }
-        next = m.offset() + 1;
         if m.offset() >= upto {
             break;
         }
@@ -499,12 +522,11 @@ pub fn read_back(
         partition: p,
         message,
     };
-    let consumer = journal.reader.assign(p, Offset::Beginning)?;
+    let mut reader = journal.reader.assign(p, Offset::Beginning)?;
     let claim_key = format!("{p}/claim/{epoch}");
     let mut records: Vec<Option<Record>> = Vec::new();
     let mut keys: HashMap<String, Vec<String>> = HashMap::new();
     let deadline = Instant::now() + timeout;
-    let mut next = 0;
     loop {
         if Instant::now() >= deadline {
             return Err(read_err(format!(
@@ -512,17 +534,10 @@ pub fn read_back(
                 records.len()
             )));
         }
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+        let Some(m) = reader.poll(Duration::from_millis(200)) else {
             continue;
         };
         let m = m.map_err(|e| read_err(e.to_string()))?;
-        // Each offset once, in order: a broker may hand a compacted
-        // partition's records out again after later ones (Tansu does), and
-        // an old claim read twice would void the records after it.
-        if m.offset() < next {
-            continue;
-        }
-        next = m.offset() + 1;
         let key = m
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())

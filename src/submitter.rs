@@ -784,7 +784,7 @@ async fn drive_batch(
             }
             Submission::Refused(error) => {
                 tracing::error!(batch = %batch.id, error = %error.message, "provider refused the batch; every request errors");
-                finish(
+                return finish(
                     &ctx,
                     &collect_ctx,
                     batch,
@@ -792,8 +792,8 @@ async fn drive_batch(
                     Outcome::All(Status::Errored, error),
                     &abandon,
                 )
-                .await;
-                return Vec::new();
+                .await
+                .unwrap_or_default();
             }
             Submission::Created { pb, adopted } => (pb, adopted),
         };
