@@ -15,7 +15,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,7 @@ impl Broker {
     fn start(dir: &Path) -> Broker {
         let addr = format!("127.0.0.1:{}", free_port());
         let (commands, rx) = mpsc::channel::<BrokerCommand>();
-        let (url, cwd) = (format!("tcp://{addr}"), dir.to_owned());
+        let (listen, cwd) = (addr.clone(), dir.to_owned());
         std::thread::spawn(move || {
             let mut child: Option<Child> = None;
             let kill = |child: &mut Option<Child>| {
@@ -61,33 +61,16 @@ impl Broker {
                     BrokerCommand::Start { log, done } => {
                         kill(&mut child);
                         let log = std::fs::File::create(log).unwrap();
-                        let mut cmd =
-                            Command::new(std::env::var("TANSU").unwrap_or_else(|_| "tansu".into()));
                         // `sqlite://tansu.db` is relative to the working
                         // directory. The filter logs only the compaction,
                         // whose `return=Ok(n)` says how many records it
                         // removed.
-                        cmd.args([
-                            "broker",
-                            "--listener-url",
-                            &url,
-                            "--advertised-listener-url",
-                            &url,
-                            "--storage-engine",
-                            "sqlite://tansu.db",
-                        ])
-                        .current_dir(&cwd)
-                        .env("RUST_LOG", "tansu_storage::lite[policy_compact]=info")
-                        .env("NO_COLOR", "1")
-                        .stdout(log.try_clone().unwrap())
-                        .stderr(log);
-                        unsafe {
-                            use std::os::unix::process::CommandExt;
-                            cmd.pre_exec(|| {
-                                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                                Ok(())
-                            });
-                        }
+                        let mut cmd = tansu_broker(&listen, "sqlite://tansu.db");
+                        cmd.current_dir(&cwd)
+                            .env("RUST_LOG", "tansu_storage::lite[policy_compact]=info")
+                            .env("NO_COLOR", "1")
+                            .stdout(log.try_clone().unwrap())
+                            .stderr(log);
                         child = Some(cmd.spawn().expect(
                             "starting tansu (`cargo install tansu --locked --features dynostore,libsql`)",
                         ));
@@ -247,19 +230,7 @@ async fn broker_restart_mid_run_keeps_the_promise_and_compacts_to_open_batches()
     let topics = Topics::create(4).await;
     let config = write_config(dir.path(), &topics, &sim, "openai", Some(4));
     let n = 2000;
-    let records: Vec<Produce> = (0..n)
-        .map(|i| {
-            let id = format!("restart-{i:05}");
-            Produce::json(
-                &id,
-                &chat_request(&id, "openai", "gpt-4o-mini", &format!("restart {i}")),
-            )
-        })
-        .collect();
-    let expected: HashSet<String> = records
-        .iter()
-        .map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap())
-        .collect();
+    let (records, expected) = numbered_chat_requests("restart", "openai", "gpt-4o-mini", n);
 
     let log = dir.path().join("batchline.log");
     let mut process = Process::start(&config, None, log.clone());

@@ -27,19 +27,8 @@ async fn crash_and_recover(provider: &str, model: &str, failpoint: &str) {
     let topics = Topics::create(2).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &topics, &sim, provider, None);
-    let records: Vec<Produce> = (0..n)
-        .map(|i| {
-            let id = format!("{failpoint}-{provider}-{i:04}");
-            Produce::json(
-                &id,
-                &chat_request(&id, provider, model, &format!("crash item {i}")),
-            )
-        })
-        .collect();
-    let expected: HashSet<String> = records
-        .iter()
-        .map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap())
-        .collect();
+    let (records, expected) =
+        numbered_chat_requests(&format!("{failpoint}-{provider}"), provider, model, n);
     produce_unbatched(&topics.requests, &records).await;
 
     let mut first = Process::start(&config, Some(failpoint), dir.path().join("first.log"));
@@ -150,19 +139,7 @@ async fn partitions_move_between_instances_with_batches_in_flight() {
         write_config(&d, &topics, &sim, "openai", None)
     };
     let n = 2000;
-    let records: Vec<Produce> = (0..n)
-        .map(|i| {
-            let id = format!("move-{i:05}");
-            Produce::json(
-                &id,
-                &chat_request(&id, "openai", "gpt-4o-mini", &format!("move {i}")),
-            )
-        })
-        .collect();
-    let expected: HashSet<String> = records
-        .iter()
-        .map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap())
-        .collect();
+    let (records, expected) = numbered_chat_requests("move", "openai", "gpt-4o-mini", n);
     let a_log = dir.path().join("a.log");
     let mut a = Process::start(&config("a"), None, a_log.clone());
     wait_for_log(&a_log, "partition ready", 4);
@@ -256,19 +233,7 @@ async fn chaos() {
         let log = d.join("batchline.log");
         (Process::start(&config, None, log.clone()), log)
     };
-    let records: Vec<Produce> = (0..n)
-        .map(|i| {
-            let id = format!("chaos-{i:06}");
-            Produce::json(
-                &id,
-                &chat_request(&id, "openai", "gpt-4o-mini", &format!("chaos {i}")),
-            )
-        })
-        .collect();
-    let expected: HashSet<String> = records
-        .iter()
-        .map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap())
-        .collect();
+    let (records, expected) = numbered_chat_requests("chaos", "openai", "gpt-4o-mini", n);
     let mut running = vec![start(dir.path()), start(dir.path())];
     produce_unbatched(&topics.requests, &records).await;
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;

@@ -39,6 +39,32 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The command that runs a Tansu broker listening on `addr` with `storage`
+/// (`$TANSU`, else `tansu` on the PATH). The broker gets SIGKILL when the
+/// thread that spawned it ends.
+pub fn tansu_broker(addr: &str, storage: &str) -> Command {
+    let url = format!("tcp://{addr}");
+    let mut cmd = Command::new(std::env::var("TANSU").unwrap_or_else(|_| "tansu".into()));
+    cmd.args([
+        "broker",
+        "--listener-url",
+        &url,
+        "--advertised-listener-url",
+        &url,
+        "--storage-engine",
+        storage,
+    ]);
+    // SAFETY: prctl only, between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd
+}
+
 struct Tansu {
     brokers: String,
     _child: Child,
@@ -52,26 +78,8 @@ fn start_tansu() -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     let b = brokers.clone();
     std::thread::spawn(move || {
-        let url = format!("tcp://{b}");
-        let mut cmd = Command::new(std::env::var("TANSU").unwrap_or_else(|_| "tansu".into()));
-        cmd.args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-            "--storage-engine",
-            "memory://tansu/",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        let mut cmd = tansu_broker(&b, "memory://tansu/");
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().expect("starting tansu (install it with `cargo install tansu --locked --features dynostore,libsql`, or set KAFKA_BROKERS)");
         tx.send(Tansu {
             brokers: b,
@@ -541,6 +549,24 @@ impl Batchline {
             .unwrap()
             .expect("batchline exits cleanly");
     }
+}
+
+/// `n` chat request messages for `provider` and `model`, with custom_ids
+/// `<prefix>-00000`, `<prefix>-00001`, ... and prompts `<prefix> <i>`, and
+/// the set of those custom_ids.
+pub fn numbered_chat_requests(
+    prefix: &str,
+    provider: &str,
+    model: &str,
+    n: usize,
+) -> (Vec<Produce>, HashSet<String>) {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}-{i:05}");
+            let request = chat_request(&id, provider, model, &format!("{prefix} {i}"));
+            (Produce::json(&id, &request), id)
+        })
+        .unzip()
 }
 
 /// A chat request message for `custom_id`.
