@@ -48,7 +48,9 @@ echo "== sending examples/requests.jsonl and waiting for every result"
 "$bin" send examples/requests.jsonl --wait --show 3 --timeout 2m
 
 echo "== batchline's log"
-grep -E "batch (submitted|ended)" "$work/batchline.log" | sed 's/\x1b\[[0-9;]*m//g' | head -8
+# grep stops at 8 itself: `| head` would end the pipe early, and pipefail
+# would fail the demo on the SIGPIPE.
+grep -m 8 -E "batch (submitted|ended)" "$work/batchline.log" | sed 's/\x1b\[[0-9;]*m//g'
 echo "== metrics (curl http://127.0.0.1:$http_port/metrics)"
 curl -s "http://127.0.0.1:$http_port/metrics" | grep -E "^batchline_(results_published|requests_rejected|batches_ended)_total" | grep -v " 0$"
 echo "== done"
