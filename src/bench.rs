@@ -393,7 +393,10 @@ fn spawn_batchline(
         .env("BATCHLINE__SPOOL__DIR", spool)
         .env("BATCHLINE__HTTP__LISTEN", &http)
         .env("OPENAI_API_KEY", "sk-bench")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     for (k, v) in extra {
@@ -441,7 +444,13 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
         "passthrough: producing {n} messages of ~{} bytes",
         opts.body_bytes
     );
+    let producing = Instant::now();
     produce_requests(&opts.brokers, &pass_in, n, opts.body_bytes).await?;
+    let produce = producing.elapsed();
+    eprintln!(
+        "passthrough: produced in {produce:.2?} ({:.0}/s)",
+        n as f64 / produce.as_secs_f64()
+    );
     let pass = passthrough(&opts.brokers, &pass_in, &pass_out, n, opts.timeout).await?;
     let pass_rate = n as f64 / pass.as_secs_f64();
     eprintln!("passthrough: {n} in {pass:.2?} ({pass_rate:.0}/s)");
@@ -455,8 +464,9 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
         spool.path(),
         &[("BATCHLINE__WINDOW__MAX_WAIT", "1s")],
     )?;
-    // Wait until batchline serves (and so has joined) before the clock starts.
-    wait_http(&child.http, opts.timeout).await?;
+    // The clock starts once batchline is ready (partitions assigned and
+    // their journal replayed), as the ceiling's starts at its first message.
+    wait_http(&child.http, "/readyz", opts.timeout).await?;
     let idle = proc_stats(child.child.id())?;
     eprintln!(
         "batchline: idle RSS {:.1} MiB; producing {n} requests",
@@ -498,17 +508,19 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
     Ok(report)
 }
 
-async fn wait_http(addr: &str, timeout: Duration) -> Result<(), BenchError> {
+/// Waits until batchline answers 200 on `path`: `/healthz` once it serves,
+/// `/readyz` once its partitions are assigned and replayed.
+async fn wait_http(addr: &str, path: &str, timeout: Duration) -> Result<(), BenchError> {
     let started = Instant::now();
     loop {
-        if let Ok(r) = reqwest::get(format!("http://{addr}/healthz")).await {
+        if let Ok(r) = reqwest::get(format!("http://{addr}{path}")).await {
             if r.status().is_success() {
                 return Ok(());
             }
         }
         if started.elapsed() > timeout {
             return Err(BenchError::Failed(format!(
-                "batchline did not serve on {addr}"
+                "batchline did not answer 200 on {addr}{path}"
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -553,7 +565,7 @@ async fn hold_once(opts: &BenchOptions, n: usize) -> Result<ProcStats, BenchErro
             ("BATCHLINE__WINDOW__MAX_REQUESTS", "50000"),
         ],
     )?;
-    wait_http(&child.http, opts.timeout).await?;
+    wait_http(&child.http, "/healthz", opts.timeout).await?;
     let started = Instant::now();
     loop {
         let consumed = metric(&child.http, "batchline_requests_consumed_total")

@@ -603,6 +603,10 @@ impl Ingest {
             .set("enable.partition.eof", "false")
             // Prefetch is per partition: keep memory flat with many partitions.
             .set("queued.max.messages.kbytes", "8192")
+            // Once a partition's queue is over that cap, librdkafka waits
+            // this long before fetching it again (default 1 s): with the
+            // small cap, the consumer would sit idle most of each second.
+            .set("fetch.queue.backoff.ms", "10")
             // Fetch sizes count compressed bytes: one fetch of well
             // compressed input can be many times larger once decompressed,
             // and the queue cap above only applies between fetches. Small
