@@ -30,8 +30,9 @@ use crate::offsets::OffsetTracker;
 use crate::provider;
 use crate::publisher::{PublishError, Publisher, RejectedInput};
 use crate::state::Journal;
-use crate::status::Registry;
+use crate::status::{CancelRefused, Registry};
 use crate::submitter::{BatchContext, ProviderSlot, Submitter};
+use crate::tail::CancelSeen;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -147,12 +148,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
         crate::http::router(
             metrics.clone(),
             readiness.clone(),
-            status,
+            status.clone(),
             budget.clone(),
             cfg.http.token.clone(),
+            Some(journal.clone()),
         ),
         http_stop.clone(),
     ));
+
+    let cancels = journal.take_cancels().map(|cancels| {
+        tokio::spawn(act_on_cancels(
+            cancels,
+            journal.clone(),
+            status.clone(),
+            metrics.clone(),
+        ))
+    });
 
     let (batch_tx, batch_rx) = mpsc::channel(1024);
     let (reject_tx, reject_rx) = mpsc::channel(4096);
@@ -217,11 +228,48 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
     publisher.flush(Duration::from_secs(5));
     journal.flush(Duration::from_secs(5));
     deadline.abort();
+    if let Some(cancels) = cancels {
+        cancels.abort();
+    }
     http_stop.cancel();
     let _ = http.await;
     match ingest_result {
         Ok(r) => r.map_err(AppError::from),
         Err(_) => Err(AppError::IngestPanicked),
+    }
+}
+
+/// Acts on the cancel records the state tail reads from the partitions this
+/// instance owns, whoever wrote them (DESIGN.md "Cancel"). A record naming
+/// a batch this instance has journaled is kept with that batch's keys and
+/// tombstoned with them; any other is tombstoned now.
+async fn act_on_cancels(
+    mut cancels: mpsc::UnboundedReceiver<CancelSeen>,
+    journal: Arc<Journal>,
+    status: Registry,
+    metrics: Metrics,
+) {
+    while let Some(c) = cancels.recv().await {
+        let asked_before = status.get(&c.batch_id).map(|b| b.cancel_requested);
+        match status.request_cancel(&c.batch_id) {
+            Ok(b) => {
+                if asked_before == Some(false) {
+                    metrics.cancel_requested(&b.provider);
+                    tracing::info!(batch = %b.id, provider = %b.provider, "cancel record read from the journal; cancelling");
+                }
+            }
+            Err(CancelRefused::Ended { .. }) => {
+                tracing::info!(batch = %c.batch_id, "cancel record for a batch whose provider batch has ended; nothing to cancel");
+            }
+            // Not started here yet (its task takes the cancel when it
+            // starts), or unknown.
+            Err(CancelRefused::Unknown(_)) => journal.remember_cancel(&c.batch_id),
+        }
+        if !journal.keep_key(c.partition, &c.batch_id, c.key.clone()) {
+            if let Err(e) = journal.tombstone(c.partition, &c.key).await {
+                tracing::debug!(key = %c.key, error = %e, "cancel record not tombstoned");
+            }
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::budget::{BudgetUpdate, BudgetView};
 use crate::config::ApiKey;
-use crate::status::{BatchList, BatchPhase, BatchView, CancelAccepted};
+use crate::status::{BatchList, BatchPhase, CancelAccepted};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusApiError {
@@ -130,10 +130,9 @@ impl StatusApi {
     }
 
     /// `POST /v1/batches/{id}/cancel`.
-    pub async fn cancel(&self, id: &str) -> Result<BatchView, StatusApiError> {
+    pub async fn cancel(&self, id: &str) -> Result<CancelAccepted, StatusApiError> {
         let url = self.url(&[id, "cancel"]);
-        let accepted: CancelAccepted = self.call(self.client.post(url.clone()), &url).await?;
-        Ok(accepted.batch)
+        self.call(self.client.post(url.clone()), &url).await
     }
 
     /// `GET /v1/budget`.
@@ -318,21 +317,27 @@ pub fn format_status(list: &BatchList) -> String {
 }
 
 /// What `batchline cancel` prints once the cancel is accepted.
-pub fn format_cancelled(b: &BatchView) -> String {
-    format!(
-        "cancel requested for {} ({} batch {}, {} requests); requests that did not run will get `canceled` results\n",
-        b.id,
-        b.provider,
-        b.provider_batch_id.as_deref().unwrap_or("-"),
-        b.requests
-    )
+pub fn format_cancelled(a: &CancelAccepted) -> String {
+    match &a.batch {
+        Some(b) => format!(
+            "cancel requested for {} ({} batch {}, {} requests); requests that did not run will get `canceled` results\n",
+            b.id,
+            b.provider,
+            b.provider_batch_id.as_deref().unwrap_or("-"),
+            b.requests
+        ),
+        None => format!(
+            "cancel for {} written to the journal; the instance that owns its partition cancels it, if it is still in flight\n",
+            a.id
+        ),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::provider::RequestCounts;
-    use crate::status::Totals;
+    use crate::status::{BatchView, Totals};
 
     fn view(id: &str, provider: &str, phase: BatchPhase) -> BatchView {
         BatchView {

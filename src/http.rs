@@ -23,8 +23,10 @@ use tokio_util::sync::CancellationToken;
 use crate::budget::{Budget, BudgetUpdate};
 use crate::config::ApiKey;
 use crate::health::Readiness;
+use crate::journal::partition_of;
 use crate::metrics::Metrics;
-use crate::status::{CancelAccepted, CancelRefused, Registry};
+use crate::state::Journal;
+use crate::status::{BatchPhase, CancelAccepted, CancelRefused, Registry};
 
 #[derive(Clone)]
 struct HttpState {
@@ -33,6 +35,9 @@ struct HttpState {
     batches: Registry,
     budget: Arc<Budget>,
     token: Option<Arc<ApiKey>>,
+    /// Where cancels are written for the partition's owner, wherever it
+    /// runs; without it, only this instance's batches can be cancelled.
+    journal: Option<Arc<Journal>>,
 }
 
 /// Every route; `token`, when set, guards the status API.
@@ -42,6 +47,7 @@ pub fn router(
     batches: Registry,
     budget: Arc<Budget>,
     token: Option<ApiKey>,
+    journal: Option<Arc<Journal>>,
 ) -> Router {
     let state = HttpState {
         metrics,
@@ -49,6 +55,7 @@ pub fn router(
         batches,
         budget,
         token: token.map(Arc::new),
+        journal,
     };
     let status_api = Router::new()
         .route("/v1/batches", get(list_batches))
@@ -143,15 +150,45 @@ async fn get_batch(State(state): State<HttpState>, Path(id): Path<String>) -> Re
     }
 }
 
+/// Cancels a batch: the cancel is written to the journal, where the
+/// owner of the batch's partition acts on it from its tail (DESIGN.md
+/// "Cancel"), and a batch of this instance is cancelled at once.
 async fn cancel_batch(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
-    match state.batches.request_cancel(&id) {
+    let local = state.batches.get(&id);
+    if let Some(batch) = &local {
+        if batch.phase == BatchPhase::Collecting {
+            return refused(CancelRefused::Ended { id });
+        }
+    }
+    let journaled = match (&state.journal, partition_of(&id)) {
+        (Some(journal), Some(p)) => match journal.write_cancel(p, &id).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(batch = %id, error = %e, "writing a cancel record failed");
+                return api_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "journal_unavailable",
+                    format!("writing the cancel record for {id}: {e}"),
+                );
+            }
+        },
+        _ => false,
+    };
+    let batch = match state.batches.request_cancel(&id) {
         Ok(batch) => {
             state.metrics.cancel_requested(&batch.provider);
-            tracing::info!(batch = %batch.id, provider = %batch.provider, provider_batch = batch.provider_batch_id.as_deref().unwrap_or_default(), "cancel requested through the status API");
-            (StatusCode::ACCEPTED, Json(CancelAccepted { batch })).into_response()
+            Some(batch)
         }
-        Err(e) => refused(e),
-    }
+        Err(CancelRefused::Unknown(_)) if journaled => None,
+        Err(e) => return refused(e),
+    };
+    tracing::info!(batch = %id, on_this_instance = batch.is_some(), journaled, "cancel requested through the status API");
+    let accepted = CancelAccepted {
+        id,
+        batch,
+        journaled,
+    };
+    (StatusCode::ACCEPTED, Json(accepted)).into_response()
 }
 
 async fn get_budget(State(state): State<HttpState>) -> Response {
@@ -178,7 +215,6 @@ async fn set_budget(State(state): State<HttpState>, body: axum::body::Bytes) -> 
 fn refused(e: CancelRefused) -> Response {
     let (status, kind) = match &e {
         CancelRefused::Unknown(_) => (StatusCode::NOT_FOUND, "not_found"),
-        CancelRefused::NotSubmitted { .. } => (StatusCode::CONFLICT, "not_submitted"),
         CancelRefused::Ended { .. } => (StatusCode::CONFLICT, "already_ended"),
     };
     api_error(status, kind, e.to_string())
@@ -200,7 +236,6 @@ mod tests {
     use super::*;
     use crate::provider::BatchState;
     use crate::status::tests::{provider_batch, route};
-    use crate::status::BatchPhase;
 
     /// Serves `router` on a free loopback port; returns its base URL.
     async fn spawn(router: Router) -> (String, CancellationToken) {
@@ -224,7 +259,15 @@ mod tests {
         let metrics = Metrics::new();
         let readiness = metrics.readiness().clone();
         let budget = Arc::new(Budget::new(None, 1000, metrics.clone()));
-        let (url, stop) = spawn(router(metrics, readiness, batches.clone(), budget, None)).await;
+        let (url, stop) = spawn(router(
+            metrics,
+            readiness,
+            batches.clone(),
+            budget,
+            None,
+            None,
+        ))
+        .await;
         let client = reqwest::Client::new();
         let get = |path: &str| client.get(format!("{url}{path}"));
         let cancel = |id: &str| client.post(format!("{url}/v1/batches/{id}/cancel"));
@@ -258,17 +301,13 @@ mod tests {
         assert_eq!(status, 404);
         assert_eq!(body["error"]["type"], "not_found");
 
+        // Before its create: accepted, and no create will be sent.
         let (status, body) = call(cancel("bl-0-up")).await;
-        assert_eq!(status, 409);
-        assert_eq!(body["error"]["type"], "not_submitted");
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("cannot be cancelled yet"),
-            "{body}"
-        );
-        assert!(!uploading.cancel_requested().is_cancelled());
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["batch"]["phase"], "uploading");
+        // No journal here: the cancel holds in this process only.
+        assert_eq!(body["journaled"], false);
+        assert!(uploading.cancel_requested().is_cancelled());
 
         let (status, body) = call(cancel("bl-0-nope")).await;
         assert_eq!(status, 404, "{body}");
@@ -296,6 +335,7 @@ mod tests {
             batches,
             budget,
             Some(ApiKey::new(token)),
+            None,
         ))
         .await;
         let client = reqwest::Client::new();
@@ -350,6 +390,7 @@ mod tests {
             Registry::new(),
             budget,
             Some(ApiKey::new("tok-1234567890")),
+            None,
         ))
         .await;
         let readyz = || async {
@@ -396,6 +437,7 @@ mod tests {
             metrics.readiness().clone(),
             Registry::new(),
             budget.clone(),
+            None,
             None,
         ))
         .await;

@@ -513,6 +513,20 @@ fn replay(
             remaining: b.offsets.len(),
         });
     }
+    // Cancel records: an open batch takes its cancel when its task starts;
+    // one naming no batch of this partition is tombstoned (those of
+    // finished batches go with the batch's keys).
+    for id in &replay.cancels {
+        if recovery.rebuilding.iter().any(|r| r.record.id == *id) {
+            journal.remember_cancel(id);
+        } else if !replay.batches.contains_key(id) {
+            for key in back.keys.get(id).into_iter().flatten() {
+                if let Err(e) = runtime.block_on(journal.tombstone(p, key)) {
+                    tracing::debug!(partition = p, key, error = %e, "cancel record not tombstoned");
+                }
+            }
+        }
+    }
     Ok(recovery)
 }
 

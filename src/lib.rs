@@ -26,6 +26,7 @@ pub mod sim;
 pub mod state;
 pub mod status;
 pub mod submitter;
+pub mod tail;
 pub mod tracker;
 
 /// A named crash point for crash tests: with the `failpoints` feature and

@@ -8,7 +8,7 @@
 //! revoked stops before its next step. Records of finished batches are
 //! tombstoned once a confirmed commit has passed all their offsets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,10 +18,12 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::journal::{BatchRecord, Body, Phase, Record, Replay};
+use crate::tail::{CancelSeen, Tail};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -70,12 +72,20 @@ struct ClaimGate {
 /// producer's `message.timeout.ms`, and a margin.
 const CLAIM_WAIT: Duration = Duration::from_secs(35);
 
+/// How long a confirmation waits for the tail to read a written record.
+const CONFIRM_WAIT: Duration = Duration::from_secs(30);
+
 /// Writes journal records for the partitions this instance owns.
 pub struct Journal {
     producer: FutureProducer,
     topic: String,
     /// What a reader of the state topic needs.
     reader: Arc<ReaderConfig>,
+    /// Follows the owned state partitions: read-backs and cancel records.
+    tail: Tail,
+    cancels: Mutex<Option<mpsc::UnboundedReceiver<CancelSeen>>>,
+    /// Batches a replayed cancel record names, until their task starts.
+    pending_cancels: Mutex<HashSet<String>>,
     owned: Mutex<HashMap<i32, Owned>>,
     gate: Mutex<ClaimGate>,
     claim_landed: Condvar,
@@ -102,10 +112,16 @@ impl Journal {
         for (k, v) in &cfg.kafka.producer {
             client.set(k, v);
         }
+        let reader = ReaderConfig::new(cfg);
+        let (tail, cancels) = Tail::start(reader.client.clone(), cfg.topics.state.clone())
+            .map_err(StateError::Client)?;
         Ok(Journal {
             producer: client.create().map_err(StateError::Client)?,
             topic: cfg.topics.state.clone(),
-            reader: Arc::new(ReaderConfig::new(cfg)),
+            reader: Arc::new(reader),
+            tail,
+            cancels: Mutex::new(Some(cancels)),
+            pending_cancels: Mutex::new(HashSet::new()),
             owned: Mutex::new(HashMap::new()),
             gate: Mutex::new(ClaimGate::default()),
             claim_landed: Condvar::new(),
@@ -156,6 +172,7 @@ impl Journal {
         }
         // Under the gate: a revocation cannot slip in before ownership is
         // recorded.
+        self.tail.follow(p, &epoch, claimed_at);
         self.owned.lock().expect("journal lock").insert(
             p,
             Owned {
@@ -190,9 +207,74 @@ impl Journal {
                 .expect("claim gate lock")
                 .0;
         }
+        self.tail.unfollow(p);
         if let Some(o) = self.owned.lock().expect("journal lock").remove(&p) {
             o.revoked.cancel();
         }
+    }
+
+    /// The cancel records the tail reads, once: the owner's cancel handler
+    /// takes them.
+    pub fn take_cancels(&self) -> Option<mpsc::UnboundedReceiver<CancelSeen>> {
+        self.cancels.lock().expect("journal lock").take()
+    }
+
+    /// Writes a cancel record for `batch_id` to state partition `p`. Any
+    /// instance may: cancel records are never void, and `p`'s owner acts on
+    /// them from its tail (DESIGN.md "Cancel").
+    pub async fn write_cancel(&self, p: i32, batch_id: &str) -> Result<i64, StateError> {
+        let record = Record {
+            epoch: String::new(),
+            time_ms: now_ms(),
+            body: Body::Cancel {
+                batch_id: batch_id.to_owned(),
+            },
+        };
+        self.send(p, &record.key(p), Some(&record)).await
+    }
+
+    /// A replayed cancel record names `batch_id`, an open batch: its task
+    /// takes the cancel when it starts ([`Self::take_pending_cancel`]).
+    pub fn remember_cancel(&self, batch_id: &str) {
+        self.pending_cancels
+            .lock()
+            .expect("journal lock")
+            .insert(batch_id.to_owned());
+    }
+
+    /// Whether a replayed cancel record names `batch_id` (once).
+    pub fn take_pending_cancel(&self, batch_id: &str) -> bool {
+        self.pending_cancels
+            .lock()
+            .expect("journal lock")
+            .remove(batch_id)
+    }
+
+    /// Keeps `key` (a cancel record) with batch `batch_id` of `p`, to be
+    /// tombstoned with the batch's own keys. `false` when this owner has
+    /// written nothing for the batch: the record names an unknown or
+    /// finished batch.
+    pub fn keep_key(&self, p: i32, batch_id: &str, key: String) -> bool {
+        let mut owned = self.owned.lock().expect("journal lock");
+        match owned.get_mut(&p).and_then(|o| o.batches.get_mut(batch_id)) {
+            Some(w) => {
+                if !w.keys.contains(&key) {
+                    // Before `done`, which stays last.
+                    let at = w.keys.len().saturating_sub(usize::from(w.done));
+                    w.keys.insert(at, key);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tombstones `key` in state partition `p`, if this instance owns it.
+    pub async fn tombstone(&self, p: i32, key: &str) -> Result<(), StateError> {
+        if !self.owned.lock().expect("journal lock").contains_key(&p) {
+            return Err(StateError::NotOwner(p));
+        }
+        self.send(p, key, None).await.map(drop)
     }
 
     /// Fires when `epoch` stops owning `p` (already fired if it does not).
@@ -245,6 +327,7 @@ impl Journal {
             max_offset,
             done: false,
         });
+        written.max_offset = written.max_offset.max(max_offset);
         written.keys.push(key);
         written.done |= phase == Phase::Done;
         Ok(offset)
@@ -258,22 +341,27 @@ impl Journal {
     /// that it lost the partition, before a create it must not send.
     /// `Ok(false)`: lost.
     pub async fn confirm(&self, p: i32, epoch: &str, offset: i64) -> Result<bool, StateError> {
-        let from = {
+        {
             let owned = self.owned.lock().expect("journal lock");
             match owned.get(&p) {
                 Some(o) if o.epoch == epoch && offset <= o.confirmed_upto => return Ok(true),
-                Some(o) if o.epoch == epoch => o.confirmed_upto,
+                Some(o) if o.epoch == epoch => {}
                 _ => return Ok(false),
             }
-        };
-        let (cfg, mine) = (self.reader.clone(), epoch.to_owned());
-        let other =
-            tokio::task::spawn_blocking(move || other_claim_between(&cfg, p, &mine, from, offset))
-                .await
-                .map_err(|e| StateError::Read {
+        }
+        let other = match self.tail.confirm(p, epoch, offset, CONFIRM_WAIT).await {
+            Some(mine) => !mine,
+            // Revoked or voided meanwhile.
+            None if !self.owns(p, epoch) => return Ok(false),
+            None => {
+                return Err(StateError::Read {
                     partition: p,
-                    message: e.to_string(),
-                })??;
+                    message: format!(
+                        "confirming a record: offset {offset} not read back within {CONFIRM_WAIT:?}"
+                    ),
+                })
+            }
+        };
         if other {
             self.voided(p, epoch);
         } else if let Some(o) = self
@@ -297,6 +385,7 @@ impl Journal {
     fn voided(&self, p: i32, epoch: &str) {
         let mut owned = self.owned.lock().expect("journal lock");
         if owned.get(&p).is_some_and(|o| o.epoch == epoch) {
+            self.tail.unfollow(p);
             if let Some(o) = owned.remove(&p) {
                 o.revoked.cancel();
             }
@@ -460,46 +549,6 @@ impl InOrder {
             Err(e) => Some(Err(e)),
         }
     }
-}
-
-/// Whether a claim of another epoch lies in state partition `p` after
-/// `from` and before `upto`. Blocking.
-fn other_claim_between(
-    cfg: &ReaderConfig,
-    p: i32,
-    epoch: &str,
-    from: i64,
-    upto: i64,
-) -> Result<bool, StateError> {
-    let read_err = |message: String| StateError::Read {
-        partition: p,
-        message,
-    };
-    let mut reader = cfg.assign(p, Offset::Offset(from + 1))?;
-    let claim_prefix = format!("{p}/claim/");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reader.next < upto {
-        if Instant::now() >= deadline {
-            return Err(read_err(format!(
-                "confirming a record: offset {upto} not reached (at {})",
-                reader.next
-            )));
-        }
-        let Some(m) = reader.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let m = m.map_err(|e| read_err(e.to_string()))?;
-        if m.offset() >= upto {
-            break;
-        }
-        let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
-        if let Some(other) = key.strip_prefix(&claim_prefix) {
-            if other != epoch {
-                return Ok(true);
-            }
-        }
-    }
-    Ok(false)
 }
 
 /// A state partition read back up to the reader's own claim.

@@ -129,7 +129,14 @@ pub struct BatchList {
 /// `POST /v1/batches/{id}/cancel`, accepted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CancelAccepted {
-    pub batch: BatchView,
+    pub id: String,
+    /// The batch, when this instance owns it; otherwise the instance that
+    /// owns its partition acts on the cancel record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchView>,
+    /// The cancel was written to the journal: it holds across a restart
+    /// or a hand-over of the partition.
+    pub journaled: bool,
 }
 
 /// Why a cancel was not accepted.
@@ -137,8 +144,6 @@ pub struct CancelAccepted {
 pub enum CancelRefused {
     #[error("no in-flight batch {0} on this instance")]
     Unknown(String),
-    #[error("batch {id} has no provider batch yet (phase {}); it cannot be cancelled yet", phase.as_str())]
-    NotSubmitted { id: String, phase: BatchPhase },
     #[error("the provider batch of {id} has already ended; its results are being published")]
     Ended { id: String },
 }
@@ -252,8 +257,10 @@ impl Registry {
         self.lock().get(id).map(|e| e.view(id, Instant::now()))
     }
 
-    /// Asks the batch's tracker to cancel it at the provider. Only a batch
-    /// whose provider batch exists and has not ended can be cancelled.
+    /// Cancels a batch whose provider batch has not ended: one whose
+    /// create was not sent yet ends with every request `canceled` and no
+    /// create; otherwise its tracker cancels it at the provider (once the
+    /// create is sent or resolved).
     pub fn request_cancel(&self, id: &str) -> Result<BatchView, CancelRefused> {
         let batches = self.lock();
         let Some(e) = batches.get(id) else {
@@ -261,10 +268,6 @@ impl Registry {
         };
         match e.phase {
             BatchPhase::Collecting => Err(CancelRefused::Ended { id: id.to_owned() }),
-            phase if e.provider_batch_id.is_none() => Err(CancelRefused::NotSubmitted {
-                id: id.to_owned(),
-                phase,
-            }),
             _ => {
                 e.cancel.cancel();
                 Ok(e.view(id, Instant::now()))
@@ -439,23 +442,20 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn only_a_submitted_batch_can_be_cancelled() {
+    fn a_batch_can_be_cancelled_until_its_provider_batch_ends() {
         let registry = Registry::new();
         assert_eq!(
             registry.request_cancel("bl-0-x"),
             Err(CancelRefused::Unknown("bl-0-x".into()))
         );
-        let r = registry.register("bl-0-a", &route("openai", "m"), 0, 1, 1);
-        r.set_phase(BatchPhase::Uploading);
-        assert!(matches!(
-            registry.request_cancel("bl-0-a"),
-            Err(CancelRefused::NotSubmitted {
-                phase: BatchPhase::Uploading,
-                ..
-            })
-        ));
-        assert!(!r.cancel_requested().is_cancelled());
+        // Before its create: the submitter sees the token and sends none.
+        let early = registry.register("bl-0-e", &route("openai", "m"), 0, 1, 1);
+        early.set_phase(BatchPhase::Uploading);
+        assert!(registry.request_cancel("bl-0-e").unwrap().cancel_requested);
+        assert!(early.cancel_requested().is_cancelled());
 
+        let r = registry.register("bl-0-a", &route("openai", "m"), 0, 1, 1);
+        assert!(!r.cancel_requested().is_cancelled());
         r.submitted(&provider_batch("batch_1", BatchState::Validating));
         let view = registry.request_cancel("bl-0-a").unwrap();
         assert!(view.cancel_requested);

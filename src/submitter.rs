@@ -147,6 +147,8 @@ enum Submission {
     Refused(ErrorInfo),
     /// The provider refused the batch as too large (413).
     TooLarge(ErrorInfo),
+    /// Cancelled through the status API before its create was sent.
+    Canceled,
     Abandoned,
 }
 
@@ -202,6 +204,7 @@ async fn submit(
     batch: &SealedBatch,
     intent_at: Option<i64>,
     abandon: &CancellationToken,
+    cancel: &CancellationToken,
 ) -> Submission {
     let backoff = |attempt: u32| ctx.retry.backoff(attempt);
     let mut upload_attempt = 0;
@@ -293,6 +296,12 @@ async fn submit(
                     }
                     continue;
                 }
+            }
+            // A cancel from here on finds the create sent, and the tracker
+            // cancels the provider batch.
+            if cancel.is_cancelled() {
+                delete_file(provider, file_id.as_deref()).await;
+                return Submission::Canceled;
             }
             match provider.create(batch, file_id.as_deref()).await {
                 Ok(pb) => {
@@ -656,6 +665,11 @@ async fn run_batch(ctx: Arc<BatchContext>, batch: SealedBatch, abandon: Cancella
                 batch.len(),
                 batch.input_bytes,
             );
+            // A cancel record read while replaying the journal.
+            if ctx.journal.take_pending_cancel(&batch.id) {
+                tracing::info!(batch = %batch.id, "a cancel recorded in the journal applies to this batch");
+                status.cancel_requested().cancel();
+            }
             drive_batch(&ctx, &batch, &local, &status)
                 .instrument(batch_span(&batch))
                 .await
@@ -741,7 +755,15 @@ async fn drive_batch(
         let submission = match std::mem::replace(&mut start, Start::Submit) {
             Start::Submit => {
                 status.set_phase(BatchPhase::Uploading);
-                submit(&ctx, provider, batch, intent_at.take(), &abandon).await
+                submit(
+                    &ctx,
+                    provider,
+                    batch,
+                    intent_at.take(),
+                    &abandon,
+                    status.cancel_requested(),
+                )
+                .await
             }
             Start::Resolve(file_id) => {
                 status.set_phase(BatchPhase::Uploading);
@@ -781,6 +803,23 @@ async fn drive_batch(
                 return split(&ctx, batch, None, &error, &abandon)
                     .await
                     .unwrap_or_default();
+            }
+            Submission::Canceled => {
+                tracing::info!(batch = %batch.id, "cancelled before its create was sent; every request is canceled");
+                let error = ErrorInfo::new(
+                    "batch_cancelled",
+                    "the batch was cancelled through the status API before it was sent",
+                );
+                return finish(
+                    &ctx,
+                    &collect_ctx,
+                    batch,
+                    None,
+                    Outcome::All(Status::Canceled, error),
+                    &abandon,
+                )
+                .await
+                .unwrap_or_default();
             }
             Submission::Refused(error) => {
                 tracing::error!(batch = %batch.id, error = %error.message, "provider refused the batch; every request errors");

@@ -1112,27 +1112,61 @@ async fn the_status_api_shows_a_batch_and_cancels_it_at_the_provider() {
     assert!(table.contains(&id), "{table}");
     assert!(table.contains("1 batch in flight, 40 requests"), "{table}");
 
-    // Unknown ids are 404s with a JSON error, for a read and for a cancel.
+    // Unknown ids are 404s with a JSON error for a read; a cancel of an id
+    // that names no partition is refused.
     let unknown = "bl-0-00000000-0000-0000-0000-000000000000";
     let (status, body) = status_api(client.get(format!("{base}/v1/batches/{unknown}")), None).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["type"], "not_found");
+    let (status, body) =
+        status_api(client.post(format!("{base}/v1/batches/nope/cancel")), None).await;
+    assert_eq!(status, 404, "{body}");
+    match api.cancel("nope").await {
+        Err(batchline::cli::StatusApiError::Refused { status: 404, .. }) => {}
+        other => panic!("cancelling an id that names no batch: {other:?}"),
+    }
+    // A well-formed id this instance does not know is left to the owner of
+    // its partition (this instance: it tombstones the record).
     let (status, body) = status_api(
         client.post(format!("{base}/v1/batches/{unknown}/cancel")),
         None,
     )
     .await;
-    assert_eq!(status, 404, "{body}");
-    match api.cancel(unknown).await {
-        Err(batchline::cli::StatusApiError::Refused { status: 404, .. }) => {}
-        other => panic!("cancelling an unknown batch: {other:?}"),
-    }
-
-    let (status, body) =
-        status_api(client.post(format!("{base}/v1/batches/{id}/cancel")), None).await;
     assert_eq!(status, 202, "{body}");
-    assert_eq!(body["batch"]["id"], id.as_str());
-    assert_eq!(body["batch"]["cancel_requested"], true);
+    assert_eq!(body["journaled"], true, "{body}");
+    assert!(body.get("batch").is_none(), "{body}");
+
+    // The cancel goes through a second instance of the group, which owns no
+    // partition (the only one stays with the first: cooperative-sticky).
+    // It writes the cancel to the journal; the owner reads it from its tail.
+    let spool_b = tempfile::tempdir().unwrap();
+    let mut cfg_b = test_config(&topics, &sim.openai_url(), spool_b.path());
+    let listen_b = free_listen_addr();
+    cfg_b.http.listen = listen_b.clone();
+    let base_b = format!("http://{listen_b}");
+    let second = Batchline::start(cfg_b);
+    wait_until_serving(&base_b).await;
+    let (status, body) = status_api(
+        client.post(format!("{base_b}/v1/batches/{id}/cancel")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["id"], id.as_str());
+    assert_eq!(body["journaled"], true, "{body}");
+    assert!(body.get("batch").is_none(), "not the owner: {body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, one) = status_api(client.get(format!("{base}/v1/batches/{id}")), None).await;
+        if one["cancel_requested"] == true || one["provider_status"] == "cancelling" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the owner did not act on the cancel record: {one}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let samples = parse_exposition(&scrape(&listen).await);
     assert_eq!(
         sum(
@@ -1187,6 +1221,7 @@ async fn the_status_api_shows_a_batch_and_cancels_it_at_the_provider() {
     }
     let (status, _) = status_api(client.get(format!("{base}/v1/batches/{id}")), None).await;
     assert_eq!(status, 404);
+    second.stop().await;
     batchline.stop().await;
 }
 
@@ -1373,5 +1408,62 @@ async fn the_budget_holds_submission_and_pauses_consumption_until_raised() {
     let samples = parse_exposition(&scrape(&listen).await);
     assert_eq!(sum(&samples, "batchline_budget_held_batches", &[]), 0.0);
     assert_eq!(sum(&samples, "batchline_consumer_paused", &[]), 0.0);
+    batchline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_cancelled_before_its_create_is_never_sent() {
+    let sim = Sim::start(SimConfig::default()).await;
+    let topics = Topics::create(1).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
+    // The daily budget holds the batch before its create, long enough to
+    // cancel it there.
+    cfg.budget.max_usd_per_day = Some(0.0);
+    cfg.window.max_requests = Some(10);
+    let listen = free_listen_addr();
+    cfg.http.listen = listen.clone();
+    let base = format!("http://{listen}");
+    let batchline = Batchline::start(cfg);
+    wait_until_serving(&base).await;
+    let api = batchline::cli::StatusApi::new(&base, None).unwrap();
+
+    let ids: Vec<String> = (0..10).map(|i| format!("early-{i:03}")).collect();
+    produce_unbatched(&topics.requests, &chat_records(&ids)).await;
+    wait_for_budget(&api, "the batch waits for the budget", |b| {
+        b.held_batches == 1
+    })
+    .await;
+    let list = api.batches().await.unwrap();
+    assert_eq!(list.batches.len(), 1, "{list:?}");
+    let batch = &list.batches[0];
+    assert!(batch.provider_batch_id.is_none(), "{batch:?}");
+    let accepted = api.cancel(&batch.id).await.unwrap();
+    assert!(accepted.journaled);
+    let view = accepted.batch.expect("this instance owns the batch");
+    assert!(view.cancel_requested);
+    assert!(
+        batchline::cli::format_cancelled(&api.cancel(&batch.id).await.unwrap()).contains(&batch.id)
+    );
+
+    // Let it go: it reaches its create cancelled, and sends none.
+    api.set_budget(None).await.unwrap();
+    let expected: std::collections::HashSet<String> = ids.iter().cloned().collect();
+    let results = exactly_once(&wait_for_keys(
+        &topics.results,
+        &expected,
+        Duration::from_secs(60),
+    ));
+    assert_eq!(results.len(), 10);
+    for r in results.values() {
+        assert_eq!(r["status"], "canceled", "{r}");
+        assert_eq!(r["error"]["type"], "batch_cancelled", "{r}");
+        assert_eq!(r["batch_id"], "", "no provider batch: {r}");
+    }
+    let stats = sim.stats().await;
+    assert_eq!(stats["batches_created"], 0, "no create was sent: {stats}");
+    for id in &ids {
+        assert_eq!(stats["custom_ids"][id]["billed"].as_u64().unwrap_or(0), 0);
+    }
     batchline.stop().await;
 }
