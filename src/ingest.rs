@@ -200,6 +200,9 @@ pub struct IngestContext {
     readiness: Readiness,
     /// Partitions whose lag the last statistics reported.
     lag_partitions: Mutex<BTreeSet<i32>>,
+    /// How long a revocation waits for collections in progress
+    /// (`shutdown.timeout`).
+    revoke_wait: Duration,
 }
 
 /// How often librdkafka reports its statistics (lag, broker states),
@@ -362,6 +365,15 @@ impl ConsumerContext for IngestContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked = partitions_of(tpl, &self.topic);
             if !consumer.assignment_lost() {
+                // A barrier: collections in progress on these partitions
+                // finish first, so that their results are not published
+                // again by the next owner (DESIGN.md "Revocation is a
+                // barrier"). Nothing else is waited for: a batch not yet
+                // created or still running is carried on from the journal.
+                let unfinished = self.journal.drain(&revoked, self.revoke_wait);
+                if !unfinished.is_empty() {
+                    tracing::warn!(partitions = ?unfinished, timeout = ?self.revoke_wait, "collections still running at the revocation deadline; their next owner publishes them again");
+                }
                 // Last chance to commit what is finished for these partitions.
                 let mut commit = TopicPartitionList::new();
                 {
@@ -640,6 +652,7 @@ impl Ingest {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             lag_partitions: Mutex::new(BTreeSet::new()),
+            revoke_wait: cfg.shutdown.timeout,
         };
         let consumer: BaseConsumer<IngestContext> = client
             .create_with_context(context)
@@ -1400,6 +1413,7 @@ mod tests {
             metrics: Metrics::new(),
             readiness: Readiness::new(),
             lag_partitions: Mutex::new(BTreeSet::new()),
+            revoke_wait: cfg.shutdown.timeout,
         }
     }
 

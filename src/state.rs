@@ -72,6 +72,32 @@ struct ClaimGate {
 /// producer's `message.timeout.ms`, and a margin.
 const CLAIM_WAIT: Duration = Duration::from_secs(35);
 
+/// What a revocation waits for (DESIGN.md "Revocation is a barrier").
+#[derive(Default)]
+struct Drain {
+    /// Collections in progress, per partition.
+    collecting: HashMap<i32, usize>,
+    /// Partitions being given up: no collection or create starts there.
+    draining: HashSet<i32>,
+}
+
+/// A collection in progress on a partition, from its first result to its
+/// confirmed `done` and released offsets; see [`Journal::collecting`].
+pub struct Collecting<'a> {
+    journal: &'a Journal,
+    partition: i32,
+}
+
+impl Drop for Collecting<'_> {
+    fn drop(&mut self) {
+        let mut drain = self.journal.drain.lock().expect("drain lock");
+        if let Some(n) = drain.collecting.get_mut(&self.partition) {
+            *n -= 1;
+        }
+        self.journal.collection_ended.notify_all();
+    }
+}
+
 /// How long a confirmation waits for the tail to read a written record.
 const CONFIRM_WAIT: Duration = Duration::from_secs(30);
 
@@ -86,6 +112,10 @@ pub struct Journal {
     cancels: Mutex<Option<mpsc::UnboundedReceiver<CancelSeen>>>,
     /// Batches a replayed cancel record names, until their task starts.
     pending_cancels: Mutex<HashSet<String>>,
+    /// Collections in progress, per partition, and the partitions being
+    /// given up: a revocation lets the collections finish first.
+    drain: Mutex<Drain>,
+    collection_ended: Condvar,
     owned: Mutex<HashMap<i32, Owned>>,
     gate: Mutex<ClaimGate>,
     claim_landed: Condvar,
@@ -122,6 +152,8 @@ impl Journal {
             tail,
             cancels: Mutex::new(Some(cancels)),
             pending_cancels: Mutex::new(HashSet::new()),
+            drain: Mutex::new(Drain::default()),
+            collection_ended: Condvar::new(),
             owned: Mutex::new(HashMap::new()),
             gate: Mutex::new(ClaimGate::default()),
             claim_landed: Condvar::new(),
@@ -210,6 +242,62 @@ impl Journal {
         self.tail.unfollow(p);
         if let Some(o) = self.owned.lock().expect("journal lock").remove(&p) {
             o.revoked.cancel();
+        }
+        self.drain.lock().expect("drain lock").draining.remove(&p);
+    }
+
+    /// Starts a collection on `p`: a revocation of `p` waits until the
+    /// returned guard drops. `None` while `p` is being given up: the
+    /// collection is left to the next owner.
+    pub fn collecting(&self, p: i32) -> Option<Collecting<'_>> {
+        let mut drain = self.drain.lock().expect("drain lock");
+        if drain.draining.contains(&p) {
+            return None;
+        }
+        *drain.collecting.entry(p).or_default() += 1;
+        Some(Collecting {
+            journal: self,
+            partition: p,
+        })
+    }
+
+    /// Whether `epoch` owns `p` and may start new work there (a create): not
+    /// while `p` is being given up.
+    pub fn may_create(&self, p: i32, epoch: &str) -> bool {
+        self.owns(p, epoch) && !self.drain.lock().expect("drain lock").draining.contains(&p)
+    }
+
+    /// The first half of a revocation (blocking): no collection or create
+    /// starts on `partitions` from now on, and those in progress finish
+    /// (publish, confirm their `done`, release their offsets) within
+    /// `timeout`. Returns the partitions whose collections did not; their
+    /// next owner collects those again. [`Self::release`] follows.
+    pub fn drain(&self, partitions: &[i32], timeout: Duration) -> Vec<i32> {
+        let deadline = Instant::now() + timeout;
+        let mut drain = self.drain.lock().expect("drain lock");
+        drain.draining.extend(partitions.iter().copied());
+        let in_progress: usize = partitions
+            .iter()
+            .filter_map(|p| drain.collecting.get(p))
+            .sum();
+        if in_progress > 0 {
+            tracing::info!(partitions = ?partitions, collections = in_progress, "revocation waits for the collections in progress");
+        }
+        loop {
+            let busy: Vec<i32> = partitions
+                .iter()
+                .copied()
+                .filter(|p| drain.collecting.get(p).copied().unwrap_or(0) > 0)
+                .collect();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if busy.is_empty() || left.is_zero() {
+                return busy;
+            }
+            drain = self
+                .collection_ended
+                .wait_timeout(drain, left)
+                .expect("drain lock")
+                .0;
         }
     }
 

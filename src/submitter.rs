@@ -269,7 +269,7 @@ async fn submit(
                 delete_file(provider, file_id.as_deref()).await;
                 continue 'upload;
             }
-            if abandon.is_cancelled() || !ctx.journal.owns(batch.partition, &batch.epoch) {
+            if abandon.is_cancelled() || !ctx.journal.may_create(batch.partition, &batch.epoch) {
                 delete_file(provider, file_id.as_deref()).await;
                 return Submission::Abandoned;
             }
@@ -1062,6 +1062,12 @@ async fn finish(
     outcome: Outcome<'_>,
     abandon: &CancellationToken,
 ) -> Option<Vec<SealedBatch>> {
+    // Held until the `done` is confirmed and the offsets released: a
+    // revocation waits for it.
+    let Some(_collecting) = ctx.journal.collecting(batch.partition) else {
+        tracing::info!(batch = %batch.id, "partition being handed over; leaving the collection to its new owner");
+        return None;
+    };
     if let Some(status) = collect_ctx.status {
         status.set_phase(BatchPhase::Collecting);
     }

@@ -192,6 +192,69 @@ async fn partitions_move_between_instances_with_batches_in_flight() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_hand_over_publishes_nothing_twice() {
+    // A's collections pause halfway through their results (the failpoint
+    // sleeps), and B joins meanwhile: the revocation of the partitions B
+    // takes waits for those collections to publish, confirm their `done`
+    // and commit, so B publishes none of their results again.
+    let sim = Sim::start(SimConfig {
+        batch_duration: Duration::from_secs(1),
+        seed: 7,
+        ..SimConfig::default()
+    })
+    .await;
+    let topics = Topics::create(4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        write_config(&d, &topics, &sim, "openai", None)
+    };
+    let n = 400;
+    let (records, expected) = numbered_chat_requests("handover", "openai", "gpt-4o-mini", n);
+    let (a_log, b_log) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let a = Process::start(&config("a"), Some("mid_publish=sleep(6000)"), a_log.clone());
+    wait_for_log(&a_log, "partition ready", 4);
+    produce_unbatched(&topics.requests, &records).await;
+    // Windows of 100: one batch per partition, all collecting at once.
+    wait_for_log(&a_log, "batch ended", 4);
+    let b = Process::start(&config("b"), None, b_log.clone());
+    // B gets its partitions once A has let them go.
+    wait_for_log(&b_log, "partition ready", 1);
+    let (_, missing) = read_until_keys(&topics.results, &expected, RESULT_TIMEOUT);
+    tokio::task::block_in_place(|| {
+        b.stop();
+        a.stop();
+    });
+    let a_text = std::fs::read_to_string(&a_log).unwrap();
+    let b_text = std::fs::read_to_string(&b_log).unwrap();
+    let kept = || dir.path().to_owned();
+    assert!(missing.is_empty(), "{} results missing", missing.len());
+    // The hand-over happened while A was collecting on the partitions it
+    // gave up, and A finished those collections before letting them go.
+    assert!(
+        b_text.contains("journal replayed; partition ready"),
+        "B took no partition ({:?})",
+        kept()
+    );
+    assert!(
+        a_text.contains("revocation waits for the collections in progress"),
+        "no collection was in progress at the revocation ({:?})",
+        kept()
+    );
+    assert!(!a_text.contains("collections still running at the revocation deadline"));
+    check_promise(&topics, &sim, &expected, "openai", "clean hand-over").await;
+    // Every custom_id exactly once: no repeat at all (past the end markers
+    // the read above wrote).
+    let results: Vec<Record> = read_all(&topics.results)
+        .await
+        .into_iter()
+        .filter(|r| !r.key_str().starts_with("end-of-log"))
+        .collect();
+    assert_eq!(exactly_once(&results).len(), n);
+}
+
 /// The chaos run: 20,000 requests over 4 partitions and two instances,
 /// three SIGKILLs with a fresh instance each time, 429 and 5xx storms, 1 %
 /// per-request errors, expiring batches and ambiguous creates. It prints

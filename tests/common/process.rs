@@ -112,8 +112,15 @@ impl Process {
             .env_remove("FAILPOINTS")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
+        // A bare name aborts there; `name=action` (the fail crate's
+        // syntax, e.g. `mid_publish=sleep(3000)`) is passed as it is.
         if let Some(fp) = failpoint {
-            cmd.env("FAILPOINTS", format!("{fp}=return"));
+            let spec = if fp.contains('=') {
+                fp.to_owned()
+            } else {
+                format!("{fp}=return")
+            };
+            cmd.env("FAILPOINTS", spec);
         }
         Process {
             child: cmd.spawn().expect("starting batchline"),
