@@ -25,6 +25,7 @@ use crate::collector::Pricing;
 use crate::config::{BatchConfig, Config, RetryConfig};
 use crate::health::Readiness;
 use crate::ingest::{Backlog, Ingest, IngestError, IngestOutputs};
+use crate::journal::Orphan;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::provider;
@@ -32,7 +33,7 @@ use crate::publisher::{PublishError, Publisher, RejectedInput};
 use crate::state::Journal;
 use crate::status::{CancelRefused, Registry};
 use crate::submitter::{BatchContext, ProviderSlot, Submitter};
-use crate::tail::CancelSeen;
+use crate::tail::TailEvent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -156,14 +157,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
         http_stop.clone(),
     ));
 
-    let cancels = journal.take_cancels().map(|cancels| {
-        tokio::spawn(act_on_cancels(
-            cancels,
+    let tail_events = journal.take_tail_events().map(|events| {
+        tokio::spawn(act_on_tail(
+            events,
             journal.clone(),
             status.clone(),
             metrics.clone(),
         ))
     });
+    let orphans = journal
+        .take_orphans()
+        .map(|orphans| tokio::spawn(cancel_orphans(orphans, ctx.clone())));
 
     let (batch_tx, batch_rx) = mpsc::channel(1024);
     let (reject_tx, reject_rx) = mpsc::channel(4096);
@@ -228,8 +232,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
     publisher.flush(Duration::from_secs(5));
     journal.flush(Duration::from_secs(5));
     deadline.abort();
-    if let Some(cancels) = cancels {
-        cancels.abort();
+    for task in [tail_events, orphans].into_iter().flatten() {
+        task.abort();
     }
     http_stop.cancel();
     let _ = http.await;
@@ -239,17 +243,30 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AppErro
     }
 }
 
-/// Acts on the cancel records the state tail reads from the partitions this
-/// instance owns, whoever wrote them (DESIGN.md "Cancel"). A record naming
-/// a batch this instance has journaled is kept with that batch's keys and
-/// tombstoned with them; any other is tombstoned now.
-async fn act_on_cancels(
-    mut cancels: mpsc::UnboundedReceiver<CancelSeen>,
+/// Acts on what the state tail reads from the partitions this instance
+/// owns. Cancel records, whoever wrote them (DESIGN.md "Cancel"): a record
+/// naming a batch this instance has journaled is kept with that batch's
+/// keys and tombstoned with them; any other is tombstoned now. Creates of
+/// an owner that had lost the partition: possible orphans.
+async fn act_on_tail(
+    mut events: mpsc::UnboundedReceiver<TailEvent>,
     journal: Arc<Journal>,
     status: Registry,
     metrics: Metrics,
 ) {
-    while let Some(c) = cancels.recv().await {
+    while let Some(event) = events.recv().await {
+        let c = match event {
+            TailEvent::Cancel(c) => c,
+            TailEvent::VoidCreate {
+                partition,
+                batch_id,
+                provider_batch,
+            } => {
+                tracing::warn!(batch = %batch_id, provider = %provider_batch.provider, provider_batch = %provider_batch.id, "a void record names a provider batch: another owner created it after losing the partition");
+                journal.note_void_create(partition, &batch_id, provider_batch);
+                continue;
+            }
+        };
         let asked_before = status.get(&c.batch_id).map(|b| b.cancel_requested);
         match status.request_cancel(&c.batch_id) {
             Ok(b) => {
@@ -268,6 +285,38 @@ async fn act_on_cancels(
         if !journal.keep_key(c.partition, &c.batch_id, c.key.clone()) {
             if let Err(e) = journal.tombstone(c.partition, &c.key).await {
                 tracing::debug!(key = %c.key, error = %e, "cancel record not tombstoned");
+            }
+        }
+    }
+}
+
+/// Cancels orphans at their provider, at once: provider batches of work
+/// already finished (or handed to other batches), whose results nobody
+/// will collect (DESIGN.md "Orphans").
+async fn cancel_orphans(mut orphans: mpsc::UnboundedReceiver<Orphan>, ctx: Arc<BatchContext>) {
+    while let Some(o) = orphans.recv().await {
+        let pb = &o.provider_batch;
+        let Some(slot) = ctx.providers.get(&pb.provider) else {
+            tracing::warn!(batch = %o.local_batch, provider = %pb.provider, provider_batch = %pb.id, "orphan batch of a provider that is not configured; not cancelled");
+            continue;
+        };
+        ctx.metrics.orphan_batch(&pb.provider);
+        let mut attempt = 0;
+        loop {
+            match slot.provider.cancel(&pb.id).await {
+                Ok(now) => {
+                    tracing::warn!(batch = %o.local_batch, provider = %pb.provider, provider_batch = %pb.id, status = now.state.as_str(), "orphan batch cancelled");
+                    break;
+                }
+                Err(e) if e.is_transient() && attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(ctx.retry.backoff(attempt)).await;
+                }
+                // Ended already, or gone: nothing left to stop.
+                Err(e) => {
+                    tracing::warn!(batch = %o.local_batch, provider = %pb.provider, provider_batch = %pb.id, error = %e, "orphan batch not cancelled");
+                    break;
+                }
             }
         }
     }

@@ -525,6 +525,25 @@ fn replay(
             remaining: b.offsets.len(),
         });
     }
+    // Creates only void records name: orphans now if their batch is done
+    // (or known only from void records), or once it is done without
+    // adopting them.
+    let (orphans, pending) = replay.orphans();
+    for o in orphans {
+        journal.report_orphan(o);
+    }
+    for (id, valid) in &replay.provider_batches {
+        if replay
+            .batches
+            .get(id)
+            .is_some_and(|b| b.phase != Phase::Done)
+        {
+            journal.note_provider_batches(p, id, valid.iter().cloned(), []);
+        }
+    }
+    for o in pending {
+        journal.note_provider_batches(p, &o.local_batch, [], [o.provider_batch]);
+    }
     // Cancel records: an open batch takes its cancel when its task starts;
     // one naming no batch of this partition is tombstoned (those of
     // finished batches go with the batch's keys).

@@ -7,7 +7,7 @@
 //! is void when the latest claim before it in the log is another owner's;
 //! the fold skips void records and tombstones.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine as _;
 use roaring::RoaringTreemap;
@@ -211,6 +211,27 @@ pub struct Replay {
     pub cancels: Vec<String>,
     /// Records skipped as void.
     pub void: u64,
+    /// Provider batches named by non-void records, by local batch id.
+    pub provider_batches: BTreeMap<String, BTreeSet<String>>,
+    /// Provider batches named by void `submitted` records (an owner that
+    /// had lost the partition created them), by local batch id.
+    pub void_submitted: BTreeMap<String, Vec<ProviderBatchRef>>,
+}
+
+/// A provider batch a journal record names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ProviderBatchRef {
+    pub provider: String,
+    pub id: String,
+}
+
+/// A provider batch that belongs to a local batch already at `done`: its
+/// results will never be collected, so it is cancelled (DESIGN.md
+/// "Orphans").
+#[derive(Debug, Clone, PartialEq)]
+pub struct Orphan {
+    pub local_batch: String,
+    pub provider_batch: ProviderBatchRef,
 }
 
 impl Replay {
@@ -224,11 +245,30 @@ impl Replay {
                 Body::Claim => owner = Some(&record.epoch),
                 // Cancels are never void: any instance may write one.
                 Body::Cancel { batch_id } => replay.cancels.push(batch_id.clone()),
-                _ if owner != Some(record.epoch.as_str()) => replay.void += 1,
+                _ if owner != Some(record.epoch.as_str()) => {
+                    replay.void += 1;
+                    if let Body::Batch(b) = &record.body {
+                        if let Some(pb) = &b.provider_batch_id {
+                            replay.void_submitted.entry(b.id.clone()).or_default().push(
+                                ProviderBatchRef {
+                                    provider: b.route.provider.clone(),
+                                    id: pb.clone(),
+                                },
+                            );
+                        }
+                    }
+                }
                 Body::Mark { offset } => {
                     replay.mark = Some(replay.mark.map_or(*offset, |m| m.max(*offset)))
                 }
                 Body::Batch(b) => {
+                    if let Some(pb) = &b.provider_batch_id {
+                        replay
+                            .provider_batches
+                            .entry(b.id.clone())
+                            .or_default()
+                            .insert(pb.clone());
+                    }
                     let newer = replay
                         .batches
                         .get(&b.id)
@@ -240,6 +280,33 @@ impl Replay {
             }
         }
         replay
+    }
+
+    /// Provider batches named only by void records: of a local batch at
+    /// `done` or with no valid record (orphans), and of a batch not at
+    /// `done` yet, orphans too if its owner ends it without adopting them.
+    pub fn orphans(&self) -> (Vec<Orphan>, Vec<Orphan>) {
+        let (mut now, mut later) = (Vec::new(), Vec::new());
+        for (batch, refs) in &self.void_submitted {
+            let kept = self.provider_batches.get(batch);
+            for r in refs {
+                if kept.is_some_and(|k| k.contains(&r.id)) {
+                    continue;
+                }
+                let orphan = Orphan {
+                    local_batch: batch.clone(),
+                    provider_batch: r.clone(),
+                };
+                match self.batches.get(batch) {
+                    // Open: its owner may still adopt it by lookup.
+                    Some(b) if b.phase != Phase::Done => later.push(orphan),
+                    // At `done`, or known only from void records (its
+                    // requests are packed again).
+                    _ => now.push(orphan),
+                }
+            }
+        }
+        (now, later)
     }
 
     /// The resume point *c*: the larger of the group's committed offset and
@@ -383,6 +450,53 @@ mod tests {
         assert_eq!(replay.cancels, vec!["bl-0-2".to_owned()]);
         let open: Vec<_> = replay.open_batches(None).map(|b| b.id.as_str()).collect();
         assert_eq!(open, vec!["bl-0-1", "bl-0-2"]);
+    }
+
+    #[test]
+    fn creates_only_void_records_name_are_orphans_once_their_batch_is_done() {
+        let with_pb = |id: &str, phase: Phase, pb: &str| {
+            let mut b = batch(id, phase, &[0]);
+            b.provider_batch_id = Some(pb.into());
+            Body::Batch(Box::new(b))
+        };
+        let log = [
+            rec("a", Body::Claim),
+            rec("a", with_pb("bl-0-done", Phase::Submitted, "batch_kept")),
+            rec("b", Body::Claim),
+            // `a` had lost the partition: these are void.
+            rec("a", with_pb("bl-0-done", Phase::Submitted, "batch_void")),
+            rec("a", with_pb("bl-0-done", Phase::Submitted, "batch_kept")),
+            rec("a", with_pb("bl-0-open", Phase::Submitted, "batch_maybe")),
+            rec("a", with_pb("bl-0-zombie", Phase::Submitted, "batch_lost")),
+            rec(
+                "b",
+                Body::Batch(Box::new(batch("bl-0-done", Phase::Done, &[0]))),
+            ),
+            rec(
+                "b",
+                Body::Batch(Box::new(batch("bl-0-open", Phase::Uploaded, &[1]))),
+            ),
+        ];
+        let replay = Replay::fold(log.iter().map(Some));
+        let (now, later) = replay.orphans();
+        let ids = |os: &[Orphan]| -> Vec<(String, String)> {
+            os.iter()
+                .map(|o| (o.local_batch.clone(), o.provider_batch.id.clone()))
+                .collect()
+        };
+        // Done without it, or known only from void records: cancel now.
+        assert_eq!(
+            ids(&now),
+            vec![
+                ("bl-0-done".to_owned(), "batch_void".to_owned()),
+                ("bl-0-zombie".to_owned(), "batch_lost".to_owned()),
+            ]
+        );
+        // Still open: its owner may adopt it by lookup.
+        assert_eq!(
+            ids(&later),
+            vec![("bl-0-open".to_owned(), "batch_maybe".to_owned())]
+        );
     }
 
     #[test]

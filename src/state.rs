@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::journal::{BatchRecord, Body, Phase, Record, Replay};
-use crate::tail::{CancelSeen, Tail};
+use crate::journal::{BatchRecord, Body, Orphan, Phase, ProviderBatchRef, Record, Replay};
+use crate::tail::{Tail, TailEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -42,6 +42,37 @@ struct Written {
     keys: Vec<String>,
     max_offset: i64,
     done: bool,
+    /// Provider batches its valid records name.
+    provider_batches: Vec<String>,
+    /// Provider batches only void records name (another owner's creates),
+    /// waiting for this batch's `done`: those it did not adopt are orphans.
+    void_submitted: Vec<ProviderBatchRef>,
+}
+
+impl Written {
+    fn new(max_offset: i64, done: bool) -> Written {
+        Written {
+            keys: Vec::new(),
+            max_offset,
+            done,
+            provider_batches: Vec::new(),
+            void_submitted: Vec::new(),
+        }
+    }
+
+    /// The noted void creates this batch did not adopt: orphans once it is
+    /// done.
+    fn orphans(&mut self, local_batch: &str) -> Vec<Orphan> {
+        let kept = &self.provider_batches;
+        std::mem::take(&mut self.void_submitted)
+            .into_iter()
+            .filter(|r| !kept.contains(&r.id))
+            .map(|r| Orphan {
+                local_batch: local_batch.to_owned(),
+                provider_batch: r,
+            })
+            .collect()
+    }
 }
 
 struct Owned {
@@ -109,9 +140,12 @@ pub struct Journal {
     reader: Arc<ReaderConfig>,
     /// Follows the owned state partitions: read-backs and cancel records.
     tail: Tail,
-    cancels: Mutex<Option<mpsc::UnboundedReceiver<CancelSeen>>>,
+    tail_events: Mutex<Option<mpsc::UnboundedReceiver<TailEvent>>>,
     /// Batches a replayed cancel record names, until their task starts.
     pending_cancels: Mutex<HashSet<String>>,
+    /// Orphans found, for the task that cancels them.
+    orphans_tx: mpsc::UnboundedSender<Orphan>,
+    orphans_rx: Mutex<Option<mpsc::UnboundedReceiver<Orphan>>>,
     /// Collections in progress, per partition, and the partitions being
     /// given up: a revocation lets the collections finish first.
     drain: Mutex<Drain>,
@@ -143,15 +177,18 @@ impl Journal {
             client.set(k, v);
         }
         let reader = ReaderConfig::new(cfg);
-        let (tail, cancels) = Tail::start(reader.client.clone(), cfg.topics.state.clone())
+        let (orphans_tx, orphans_rx) = mpsc::unbounded_channel();
+        let (tail, tail_events) = Tail::start(reader.client.clone(), cfg.topics.state.clone())
             .map_err(StateError::Client)?;
         Ok(Journal {
             producer: client.create().map_err(StateError::Client)?,
             topic: cfg.topics.state.clone(),
             reader: Arc::new(reader),
             tail,
-            cancels: Mutex::new(Some(cancels)),
+            tail_events: Mutex::new(Some(tail_events)),
             pending_cancels: Mutex::new(HashSet::new()),
+            orphans_tx,
+            orphans_rx: Mutex::new(Some(orphans_rx)),
             drain: Mutex::new(Drain::default()),
             collection_ended: Condvar::new(),
             owned: Mutex::new(HashMap::new()),
@@ -301,10 +338,71 @@ impl Journal {
         }
     }
 
-    /// The cancel records the tail reads, once: the owner's cancel handler
-    /// takes them.
-    pub fn take_cancels(&self) -> Option<mpsc::UnboundedReceiver<CancelSeen>> {
-        self.cancels.lock().expect("journal lock").take()
+    /// Orphans found (from replay, the tail, or a batch's `done`), once:
+    /// the task that cancels them at their provider takes them.
+    pub fn take_orphans(&self) -> Option<mpsc::UnboundedReceiver<Orphan>> {
+        self.orphans_rx.lock().expect("journal lock").take()
+    }
+
+    /// Provider batches of batch `batch_id` of `p` known from the replay:
+    /// `valid`, named by its non-void records (adopted or its own), and
+    /// `void`, named only by void `submitted` records. A void one the
+    /// batch does not adopt by its `done` is an orphan; if it is done
+    /// already, at once.
+    pub fn note_provider_batches(
+        &self,
+        p: i32,
+        batch_id: &str,
+        valid: impl IntoIterator<Item = String>,
+        void: impl IntoIterator<Item = ProviderBatchRef>,
+    ) {
+        let mut owned = self.owned.lock().expect("journal lock");
+        let Some(o) = owned.get_mut(&p) else {
+            return;
+        };
+        let w = o
+            .batches
+            .entry(batch_id.to_owned())
+            .or_insert_with(|| Written::new(-1, false));
+        w.provider_batches.extend(valid);
+        w.void_submitted.extend(void);
+        if w.done {
+            for orphan in w.orphans(batch_id) {
+                let _ = self.orphans_tx.send(orphan);
+            }
+        }
+    }
+
+    /// Hands an orphan found while replaying to the task that cancels it.
+    pub fn report_orphan(&self, orphan: Orphan) {
+        let _ = self.orphans_tx.send(orphan);
+    }
+
+    /// A void `submitted` record read by the tail: another owner, which had
+    /// lost `p`, created `pb` for batch `batch_id`. An orphan at once
+    /// unless the batch is open here (then, unless it adopts it by its
+    /// `done`).
+    pub fn note_void_create(&self, p: i32, batch_id: &str, pb: ProviderBatchRef) {
+        let mut owned = self.owned.lock().expect("journal lock");
+        if let Some(w) = owned.get_mut(&p).and_then(|o| o.batches.get_mut(batch_id)) {
+            if w.provider_batches.contains(&pb.id) {
+                return;
+            }
+            if !w.done {
+                w.void_submitted.push(pb);
+                return;
+            }
+        }
+        let _ = self.orphans_tx.send(Orphan {
+            local_batch: batch_id.to_owned(),
+            provider_batch: pb,
+        });
+    }
+
+    /// What the tail reads for the owner to act on (cancel records, void
+    /// creates), once: the owner's handler takes them.
+    pub fn take_tail_events(&self) -> Option<mpsc::UnboundedReceiver<TailEvent>> {
+        self.tail_events.lock().expect("journal lock").take()
     }
 
     /// Writes a cancel record for `batch_id` to state partition `p`. Any
@@ -399,6 +497,7 @@ impl Journal {
         }
         let (id, phase) = (batch.id.clone(), batch.phase);
         let max_offset = batch.offsets.max().unwrap_or(-1);
+        let provider_batch = batch.provider_batch_id.clone();
         let record = Record {
             epoch: epoch.to_owned(),
             time_ms: now_ms(),
@@ -410,14 +509,21 @@ impl Journal {
         let Some(o) = owned.get_mut(&p).filter(|o| o.epoch == epoch) else {
             return Err(StateError::NotOwner(p));
         };
-        let written = o.batches.entry(id).or_insert(Written {
-            keys: Vec::new(),
-            max_offset,
-            done: false,
-        });
+        let written = o
+            .batches
+            .entry(id.clone())
+            .or_insert_with(|| Written::new(max_offset, false));
         written.max_offset = written.max_offset.max(max_offset);
         written.keys.push(key);
         written.done |= phase == Phase::Done;
+        if let Some(pb) = provider_batch {
+            written.provider_batches.push(pb);
+        }
+        if phase == Phase::Done {
+            for orphan in written.orphans(&id) {
+                let _ = self.orphans_tx.send(orphan);
+            }
+        }
         Ok(offset)
     }
 
@@ -538,11 +644,10 @@ impl Journal {
     /// it is finished (written by an earlier owner).
     pub fn adopt_keys(&self, p: i32, batch: &str, keys: Vec<String>, max_offset: i64, done: bool) {
         if let Some(o) = self.owned.lock().expect("journal lock").get_mut(&p) {
-            let w = o.batches.entry(batch.to_owned()).or_insert(Written {
-                keys: Vec::new(),
-                max_offset,
-                done,
-            });
+            let w = o
+                .batches
+                .entry(batch.to_owned())
+                .or_insert_with(|| Written::new(max_offset, done));
             let mut all = keys;
             all.append(&mut w.keys);
             w.keys = all;

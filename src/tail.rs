@@ -5,8 +5,10 @@
 //!   lies between its claim and it. [`Tail::confirm`] waits until the tail
 //!   has read past a record and says whether one does, without a new
 //!   client per confirmation;
-//! - cancel records (`<batch>/cancel/<uuid>`), which any instance may write:
-//!   each one read is handed to the owner's cancel handler.
+//! - cancel records (`<batch>/cancel/<uuid>`), which any instance may write,
+//!   and `submitted` records of other epochs (an owner that had lost the
+//!   partition created a batch: a possible orphan): each is handed to the
+//!   owner.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +21,23 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Notify};
+
+use crate::journal::{Body, ProviderBatchRef, Record};
+
+/// A record of an owned state partition its owner acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TailEvent {
+    /// An operator asked to cancel a batch.
+    Cancel(CancelSeen),
+    /// Another epoch's `submitted` record after this owner's claim: that
+    /// owner had lost the partition, and its provider batch may be an
+    /// orphan.
+    VoidCreate {
+        partition: i32,
+        batch_id: String,
+        provider_batch: ProviderBatchRef,
+    },
+}
 
 /// A cancel record read from an owned state partition.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,12 +61,23 @@ struct Followed {
 }
 
 impl Followed {
-    /// Takes one record in; returns a cancel it carries.
-    fn take(&mut self, p: i32, offset: i64, key: &str, live: bool) -> Option<CancelSeen> {
+    /// Takes one record in; returns what its owner acts on.
+    fn take(
+        &mut self,
+        p: i32,
+        offset: i64,
+        key: &str,
+        payload: Option<&[u8]>,
+    ) -> Option<TailEvent> {
         if offset < self.next {
             return None;
         }
         self.next = offset + 1;
+        if self.other_claim.is_some() {
+            // This owner's records are void from there on: it acts on
+            // nothing more (and the later records are the next owner's).
+            return None;
+        }
         if let Some(epoch) = key
             .strip_prefix(&format!("{p}/claim/"))
             .filter(|e| *e != self.epoch)
@@ -56,11 +86,30 @@ impl Followed {
             self.other_claim.get_or_insert(offset);
             return None;
         }
-        let (batch_id, _) = key.split_once("/cancel/")?;
-        live.then(|| CancelSeen {
+        if let Some((batch_id, _)) = key.split_once("/cancel/") {
+            return payload.map(|_| {
+                TailEvent::Cancel(CancelSeen {
+                    partition: p,
+                    batch_id: batch_id.to_owned(),
+                    key: key.to_owned(),
+                })
+            });
+        }
+        let (batch_id, epoch) = key.split_once("/submitted/")?;
+        if epoch == self.epoch {
+            return None;
+        }
+        let record: Record = serde_json::from_slice(payload?).ok()?;
+        let Body::Batch(b) = record.body else {
+            return None;
+        };
+        Some(TailEvent::VoidCreate {
             partition: p,
             batch_id: batch_id.to_owned(),
-            key: key.to_owned(),
+            provider_batch: ProviderBatchRef {
+                provider: b.route.provider,
+                id: b.provider_batch_id?,
+            },
         })
     }
 }
@@ -86,11 +135,12 @@ pub struct Tail {
 
 impl Tail {
     /// Starts the tail on `topic`, with `client` (a consumer configuration
-    /// outside the group). Cancel records read go to the returned receiver.
+    /// outside the group). What the owner acts on goes to the returned
+    /// receiver.
     pub fn start(
         mut client: ClientConfig,
         topic: String,
-    ) -> Result<(Tail, mpsc::UnboundedReceiver<CancelSeen>), rdkafka::error::KafkaError> {
+    ) -> Result<(Tail, mpsc::UnboundedReceiver<TailEvent>), rdkafka::error::KafkaError> {
         client.set("fetch.wait.max.ms", FETCH_WAIT_MS);
         let consumer: BaseConsumer = client.create()?;
         let shared = Arc::new(Shared {
@@ -99,12 +149,12 @@ impl Tail {
             stop: AtomicBool::new(false),
             progressed: Notify::new(),
         });
-        let (cancels_tx, cancels_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
             .name("state-tail".into())
             .spawn({
                 let shared = shared.clone();
-                move || run(consumer, topic, shared, cancels_tx)
+                move || run(consumer, topic, shared, events_tx)
             })
             .expect("spawning the state tail thread");
         Ok((
@@ -112,7 +162,7 @@ impl Tail {
                 shared,
                 thread: Some(thread),
             },
-            cancels_rx,
+            events_rx,
         ))
     }
 
@@ -188,7 +238,7 @@ fn run(
     consumer: BaseConsumer,
     topic: String,
     shared: Arc<Shared>,
-    cancels: mpsc::UnboundedSender<CancelSeen>,
+    events: mpsc::UnboundedSender<TailEvent>,
 ) {
     while !shared.stop.load(Ordering::Acquire) {
         if shared.reassign.swap(false, Ordering::AcqRel) {
@@ -216,14 +266,14 @@ fn run(
             }
         };
         let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
-        let cancel = shared
+        let event = shared
             .followed
             .lock()
             .expect("state tail lock")
             .get_mut(&m.partition())
-            .and_then(|f| f.take(m.partition(), m.offset(), &key, m.payload().is_some()));
-        if let Some(c) = cancel {
-            let _ = cancels.send(c);
+            .and_then(|f| f.take(m.partition(), m.offset(), &key, m.payload()));
+        if let Some(e) = event {
+            let _ = events.send(e);
         }
         shared.progressed.notify_waiters();
     }
@@ -241,34 +291,83 @@ mod tests {
         }
     }
 
+    const LIVE: Option<&[u8]> = Some(b"{}");
+
     #[test]
     fn another_claim_is_noted_once_and_records_are_taken_once() {
         let mut f = followed();
-        assert_eq!(f.take(3, 11, "bl-3-a/intent/mine", true), None);
-        assert_eq!(f.take(3, 12, "3/claim/mine", true), None);
+        assert_eq!(f.take(3, 11, "bl-3-a/intent/mine", LIVE), None);
+        assert_eq!(f.take(3, 12, "3/claim/mine", LIVE), None);
         assert_eq!(f.other_claim, None);
-        assert_eq!(f.take(3, 14, "3/claim/theirs", true), None);
-        assert_eq!(f.take(3, 15, "3/claim/third", true), None);
+        assert_eq!(f.take(3, 14, "3/claim/theirs", LIVE), None);
+        assert_eq!(f.take(3, 15, "3/claim/third", LIVE), None);
         assert_eq!(f.other_claim, Some(14));
         assert_eq!(f.next, 16);
         // Handed out again after later ones: not taken twice.
-        assert_eq!(f.take(3, 13, "3/claim/late", true), None);
+        assert_eq!(f.take(3, 13, "3/claim/late", LIVE), None);
         assert_eq!(f.other_claim, Some(14));
         assert_eq!(f.next, 16);
+        // Void from there on: nothing is acted on.
+        assert_eq!(f.take(3, 16, "bl-3-a/cancel/u1", LIVE), None);
     }
 
     #[test]
     fn cancel_records_are_handed_on_and_their_tombstones_are_not() {
         let mut f = followed();
         assert_eq!(
-            f.take(3, 11, "bl-3-a/cancel/u1", true),
-            Some(CancelSeen {
+            f.take(3, 11, "bl-3-a/cancel/u1", LIVE),
+            Some(TailEvent::Cancel(CancelSeen {
                 partition: 3,
                 batch_id: "bl-3-a".into(),
                 key: "bl-3-a/cancel/u1".into(),
+            }))
+        );
+        assert_eq!(f.take(3, 12, "bl-3-a/cancel/u1", None), None);
+        assert_eq!(f.take(3, 11, "bl-3-a/cancel/u1", LIVE), None, "seen");
+    }
+
+    #[test]
+    fn another_epochs_create_is_a_possible_orphan_and_ours_is_not() {
+        let submitted = |epoch: &str, pb: &str| {
+            let record = Record {
+                epoch: epoch.into(),
+                time_ms: 1,
+                body: Body::Batch(Box::new(crate::journal::BatchRecord {
+                    id: "bl-3-a".into(),
+                    phase: crate::journal::Phase::Submitted,
+                    route: crate::journal::RouteRecord {
+                        provider: "openai".into(),
+                        model: "m".into(),
+                        endpoint: "/v1/chat/completions".into(),
+                    },
+                    attempt: 1,
+                    requeues: 0,
+                    offsets: [7].into_iter().collect(),
+                    file_id: None,
+                    provider_batch_id: Some(pb.into()),
+                    terminal: None,
+                    released: Vec::new(),
+                })),
+            };
+            serde_json::to_string(&record).unwrap()
+        };
+        let mut f = followed();
+        let ours = submitted("mine", "batch_1");
+        assert_eq!(
+            f.take(3, 11, "bl-3-a/submitted/mine", Some(ours.as_bytes())),
+            None
+        );
+        let theirs = submitted("zombie", "batch_2");
+        assert_eq!(
+            f.take(3, 12, "bl-3-a/submitted/zombie", Some(theirs.as_bytes())),
+            Some(TailEvent::VoidCreate {
+                partition: 3,
+                batch_id: "bl-3-a".into(),
+                provider_batch: ProviderBatchRef {
+                    provider: "openai".into(),
+                    id: "batch_2".into(),
+                },
             })
         );
-        assert_eq!(f.take(3, 12, "bl-3-a/cancel/u1", false), None);
-        assert_eq!(f.take(3, 11, "bl-3-a/cancel/u1", true), None, "seen");
     }
 }

@@ -1467,3 +1467,149 @@ async fn a_batch_cancelled_before_its_create_is_never_sent() {
     }
     batchline.stop().await;
 }
+
+/// Creates a one-request batch at the simulator's OpenAI API, as another
+/// owner would have; returns its id.
+async fn create_sim_batch(sim: &Sim, custom_id: &str) -> String {
+    let client = reqwest::Client::new();
+    let line = serde_json::json!({
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+    });
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(format!("{line}\n").into_bytes()).file_name("in.jsonl"),
+        );
+    let file: serde_json::Value = client
+        .post(format!("{}/files", sim.openai_url()))
+        .bearer_auth("sk-test-key")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let batch: serde_json::Value = client
+        .post(format!("{}/batches", sim.openai_url()))
+        .bearer_auth("sk-test-key")
+        .json(&serde_json::json!({
+            "input_file_id": file["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    batch["id"].as_str().expect("a batch id").to_owned()
+}
+
+async fn sim_batch_status(sim: &Sim, id: &str) -> String {
+    let batch: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/batches/{id}", sim.openai_url()))
+        .bearer_auth("sk-test-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    batch["status"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Waits until batchline's `batchline_orphan_batches_total` reaches `n`.
+async fn wait_for_orphans(listen: &str, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let samples = parse_exposition(&scrape(listen).await);
+        let seen = sum(
+            &samples,
+            "batchline_orphan_batches_total",
+            &[("provider", "openai")],
+        );
+        if seen >= n {
+            assert_eq!(seen, n);
+            return;
+        }
+        assert!(Instant::now() < deadline, "{seen} orphans, not {n}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_only_a_void_record_names_is_cancelled_as_an_orphan() {
+    let sim = Sim::start(SimConfig {
+        batch_duration: Duration::from_secs(4),
+        ..SimConfig::default()
+    })
+    .await;
+    let topics = Topics::create(1).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
+    cfg.window.max_requests = Some(5);
+    let listen = free_listen_addr();
+    cfg.http.listen = listen.clone();
+    let batchline = Batchline::start(cfg.clone());
+
+    // One batch runs to its end.
+    let ids: Vec<String> = (0..5).map(|i| format!("orphan-{i:03}")).collect();
+    produce_unbatched(&topics.requests, &chat_records(&ids)).await;
+    let expected: std::collections::HashSet<String> = ids.iter().cloned().collect();
+    wait_for_keys(&topics.results, &expected, Duration::from_secs(60));
+    let state = read_all(&topics.state).await;
+    let done = state
+        .iter()
+        .find(|r| r.key_str().contains("/done/") && r.value.as_ref().is_some_and(|v| !v.is_empty()))
+        .expect("the batch's done record");
+    let local_batch = done.key_str().split('/').next().unwrap().to_owned();
+
+    // An owner that had lost the partition created a batch for it, and its
+    // `submitted` record landed after the current owner's claim: void.
+    let orphan = create_sim_batch(&sim, "orphan-000").await;
+    let mut void = done.json();
+    void["epoch"] = "zombie".into();
+    void["phase"] = "submitted".into();
+    void["provider_batch_id"] = orphan.as_str().into();
+    let map = void.as_object_mut().unwrap();
+    map.remove("terminal");
+    map.remove("released");
+    produce(
+        &topics.state,
+        &[Produce::json(&format!("{local_batch}/submitted/zombie"), &void).in_partition(0)],
+    )
+    .await;
+
+    // The owner's tail reads it: the batch is done, so the create is an
+    // orphan, cancelled at once and counted.
+    wait_for_orphans(&listen, 1.0).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = sim_batch_status(&sim, &orphan).await;
+        if status == "cancelling" || status == "cancelled" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the orphan is {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    batchline.stop().await;
+
+    // A new owner finds it again when it replays the journal.
+    let again = Batchline::start(cfg);
+    wait_until_serving(&format!("http://{listen}")).await;
+    wait_for_orphans(&listen, 1.0).await;
+    again.stop().await;
+    // The orphan billed nothing: it was cancelled before it ran.
+    let stats = sim.stats().await;
+    assert_eq!(
+        stats["custom_ids"]["orphan-000"]["billed"].as_u64(),
+        Some(1),
+        "billed once, by the real batch: {stats}"
+    );
+}
