@@ -544,6 +544,7 @@ fn replay(
     for o in pending {
         journal.note_provider_batches(p, &o.local_batch, [], [o.provider_batch]);
     }
+    journal.replayed(p);
     // Cancel records: an open batch takes its cancel when its task starts;
     // one naming no batch of this partition is tombstoned (those of
     // finished batches go with the batch's keys).

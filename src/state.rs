@@ -84,6 +84,8 @@ struct Owned {
     confirmed_upto: i64,
     /// Cancelled when the partition is given up: its batch tasks stop.
     revoked: CancellationToken,
+    /// Its replay has ended: what the journal held is known here.
+    replayed: bool,
     batches: HashMap<String, Written>,
 }
 
@@ -143,6 +145,9 @@ pub struct Journal {
     tail_events: Mutex<Option<mpsc::UnboundedReceiver<TailEvent>>>,
     /// Batches a replayed cancel record names, until their task starts.
     pending_cancels: Mutex<HashSet<String>>,
+    /// Void creates the tail read before their partition's replay ended,
+    /// by partition: judged once it has ([`Self::replayed`]).
+    unjudged: Mutex<HashMap<i32, Vec<(String, ProviderBatchRef)>>>,
     /// Orphans found, for the task that cancels them.
     orphans_tx: mpsc::UnboundedSender<Orphan>,
     orphans_rx: Mutex<Option<mpsc::UnboundedReceiver<Orphan>>>,
@@ -187,6 +192,7 @@ impl Journal {
             tail,
             tail_events: Mutex::new(Some(tail_events)),
             pending_cancels: Mutex::new(HashSet::new()),
+            unjudged: Mutex::new(HashMap::new()),
             orphans_tx,
             orphans_rx: Mutex::new(Some(orphans_rx)),
             drain: Mutex::new(Drain::default()),
@@ -241,6 +247,7 @@ impl Journal {
         }
         // Under the gate: a revocation cannot slip in before ownership is
         // recorded.
+        self.unjudged.lock().expect("journal lock").remove(&p);
         self.tail.follow(p, &epoch, claimed_at);
         self.owned.lock().expect("journal lock").insert(
             p,
@@ -248,6 +255,7 @@ impl Journal {
                 epoch: epoch.clone(),
                 confirmed_upto: claimed_at,
                 revoked: CancellationToken::new(),
+                replayed: false,
                 batches: HashMap::new(),
             },
         );
@@ -281,6 +289,7 @@ impl Journal {
             o.revoked.cancel();
         }
         self.drain.lock().expect("drain lock").draining.remove(&p);
+        self.unjudged.lock().expect("journal lock").remove(&p);
     }
 
     /// Starts a collection on `p`: a revocation of `p` waits until the
@@ -379,12 +388,53 @@ impl Journal {
     }
 
     /// A void `submitted` record read by the tail: another owner, which had
-    /// lost `p`, created `pb` for batch `batch_id`. An orphan at once
-    /// unless the batch is open here (then, unless it adopts it by its
-    /// `done`).
+    /// lost `p`, created `pb` for batch `batch_id`. Judged once `p`'s
+    /// replay has ended: until then, the batch may not be known here yet,
+    /// and its owner may still adopt the create by lookup.
     pub fn note_void_create(&self, p: i32, batch_id: &str, pb: ProviderBatchRef) {
+        let replayed = self
+            .owned
+            .lock()
+            .expect("journal lock")
+            .get(&p)
+            .is_some_and(|o| o.replayed);
+        if replayed {
+            self.judge_void_create(p, batch_id, pb);
+        } else {
+            self.unjudged
+                .lock()
+                .expect("journal lock")
+                .entry(p)
+                .or_default()
+                .push((batch_id.to_owned(), pb));
+        }
+    }
+
+    /// `p`'s replay has ended: the void creates read meanwhile are judged.
+    pub fn replayed(&self, p: i32) {
+        if let Some(o) = self.owned.lock().expect("journal lock").get_mut(&p) {
+            o.replayed = true;
+        }
+        let unjudged = self
+            .unjudged
+            .lock()
+            .expect("journal lock")
+            .remove(&p)
+            .unwrap_or_default();
+        for (batch_id, pb) in unjudged {
+            self.judge_void_create(p, &batch_id, pb);
+        }
+    }
+
+    /// A void create is an orphan unless its batch is open here (then,
+    /// unless the batch adopts it by its `done`) or adopted it already.
+    /// A batch unknown after the replay has finished and been cleaned up.
+    fn judge_void_create(&self, p: i32, batch_id: &str, pb: ProviderBatchRef) {
         let mut owned = self.owned.lock().expect("journal lock");
-        if let Some(w) = owned.get_mut(&p).and_then(|o| o.batches.get_mut(batch_id)) {
+        let Some(o) = owned.get_mut(&p) else {
+            return;
+        };
+        if let Some(w) = o.batches.get_mut(batch_id) {
             if w.provider_batches.contains(&pb.id) {
                 return;
             }
@@ -580,6 +630,7 @@ impl Journal {
         let mut owned = self.owned.lock().expect("journal lock");
         if owned.get(&p).is_some_and(|o| o.epoch == epoch) {
             self.tail.unfollow(p);
+            self.unjudged.lock().expect("journal lock").remove(&p);
             if let Some(o) = owned.remove(&p) {
                 o.revoked.cancel();
             }

@@ -259,15 +259,14 @@ async fn a_clean_hand_over_publishes_nothing_twice() {
 /// three SIGKILLs with a fresh instance each time, 429 and 5xx storms, 1 %
 /// per-request errors, expiring batches and ambiguous creates. It prints
 /// requests in, results out, repeats and the most successes billed for one
-/// custom_id (must be 1). Run by hand:
-/// `cargo test --features failpoints --test crash chaos -- --ignored --nocapture`
+/// custom_id (must be 1). It is part of the test command; alone:
+/// `cargo test --features failpoints --test crash chaos -- --nocapture`
 /// (`CHAOS_REQUESTS` changes the size, `CHAOS_TIMEOUT_SECS` the wait,
 /// `CHAOS_KEEP_LOGS=1` keeps the instances' logs of a passing run; a failing
-/// run always keeps them). Not in CI yet: it found a stall (a partition
-/// claimed twice) and a double bill (an instance not adopting its own
-/// earlier create), both fixed; it stays out until more runs confirm them.
+/// run always keeps them). It found a stall (a partition claimed twice), a
+/// double bill (an instance not adopting its own earlier create) and an
+/// orphan judged before its partition's replay had ended, all fixed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "run by hand until more runs confirm the last fixes; see the doc comment"]
 async fn chaos() {
     let n: usize = std::env::var("CHAOS_REQUESTS")
         .ok()
