@@ -108,7 +108,7 @@ const CLAIM_WAIT: Duration = Duration::from_secs(35);
 /// What a revocation waits for (DESIGN.md "Revocation is a barrier").
 #[derive(Default)]
 struct Drain {
-    /// Collections in progress, per partition.
+    /// Creates and collections in progress, per partition.
     collecting: HashMap<i32, usize>,
     /// Partitions being given up: no collection or create starts there.
     draining: HashSet<i32>,
@@ -307,10 +307,23 @@ impl Journal {
         })
     }
 
-    /// Whether `epoch` owns `p` and may start new work there (a create): not
-    /// while `p` is being given up.
-    pub fn may_create(&self, p: i32, epoch: &str) -> bool {
-        self.owns(p, epoch) && !self.drain.lock().expect("drain lock").draining.contains(&p)
+    /// A create on its way on `p`, through its `submitted` record: a
+    /// revocation of `p` waits until the returned guard drops. Just before
+    /// the create, [`Self::draining`] says whether `p` is being given up:
+    /// then no create is sent, and the batch hands its requests back
+    /// through a `done` under the guard.
+    pub fn creating(&self, p: i32) -> Collecting<'_> {
+        let mut drain = self.drain.lock().expect("drain lock");
+        *drain.collecting.entry(p).or_default() += 1;
+        Collecting {
+            journal: self,
+            partition: p,
+        }
+    }
+
+    /// Whether `p` is being given up (see [`Self::drain`]).
+    pub fn draining(&self, p: i32) -> bool {
+        self.drain.lock().expect("drain lock").draining.contains(&p)
     }
 
     /// The first half of a revocation (blocking): no collection or create

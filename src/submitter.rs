@@ -29,7 +29,7 @@ use crate::provider::{
     BatchState, CreateError, Provider, ProviderBatch, ProviderError, RequestCounts,
 };
 use crate::publisher::Publisher;
-use crate::state::StateError;
+use crate::state::{Collecting, StateError};
 use crate::status::{BatchPhase, Registration, Registry};
 use crate::tracker::{self, TrackOptions, Tracked};
 
@@ -137,7 +137,7 @@ enum Start {
 }
 
 /// How submission ended.
-enum Submission {
+enum Submission<'a> {
     /// `adopted`: found by lookup after an ambiguous create.
     Created {
         pb: ProviderBatch,
@@ -149,6 +149,10 @@ enum Submission {
     TooLarge(ErrorInfo),
     /// Cancelled through the status API before its create was sent.
     Canceled,
+    /// The partition is being handed over and the create was not sent:
+    /// the requests go back through a `done` (held by the guard, which the
+    /// revocation waits for).
+    Release(Collecting<'a>),
     Abandoned,
 }
 
@@ -198,14 +202,14 @@ async fn sleep_or_abandon(d: Duration, abandon: &CancellationToken) -> bool {
 }
 
 /// Uploads and creates the provider batch for `batch`.
-async fn submit(
-    ctx: &BatchContext,
+async fn submit<'a>(
+    ctx: &'a BatchContext,
     provider: &dyn Provider,
     batch: &SealedBatch,
     intent_at: Option<i64>,
     abandon: &CancellationToken,
     cancel: &CancellationToken,
-) -> Submission {
+) -> Submission<'a> {
     let backoff = |attempt: u32| ctx.retry.backoff(attempt);
     let mut upload_attempt = 0;
     'upload: loop {
@@ -258,6 +262,14 @@ async fn submit(
             }
             (None, Some(offset)) => offset,
         };
+        // From the record that allows the create through the create and its
+        // `submitted` record, a revocation waits for this batch: it then
+        // either finds the create sent and recorded, or none sent and the
+        // requests handed back, never a create left to a lookup.
+        let mut held = Some(ctx.journal.creating(batch.partition));
+        if let Some(f) = &file_id {
+            tracing::info!(batch = %batch.id, file = %f, "batch file uploaded");
+        }
         crate::crash_point!("after_upload");
         let uploaded_at = Instant::now();
         let mut attempt = 0;
@@ -269,7 +281,8 @@ async fn submit(
                 delete_file(provider, file_id.as_deref()).await;
                 continue 'upload;
             }
-            if abandon.is_cancelled() || !ctx.journal.may_create(batch.partition, &batch.epoch) {
+            // Being given up but still owned: decided at the create below.
+            if abandon.is_cancelled() || !ctx.journal.owns(batch.partition, &batch.epoch) {
                 delete_file(provider, file_id.as_deref()).await;
                 return Submission::Abandoned;
             }
@@ -303,17 +316,30 @@ async fn submit(
                 delete_file(provider, file_id.as_deref()).await;
                 return Submission::Canceled;
             }
+            // Decided under the drain lock: a revocation either waits for
+            // this create and its `submitted` record, or finds no create
+            // sent and the requests handed back.
+            let creating = held
+                .take()
+                .unwrap_or_else(|| ctx.journal.creating(batch.partition));
+            if ctx.journal.draining(batch.partition) {
+                delete_file(provider, file_id.as_deref()).await;
+                return Submission::Release(creating);
+            }
             match provider.create(batch, file_id.as_deref()).await {
                 Ok(pb) => {
                     ctx.claim(&pb.id, &batch.id);
                     ctx.metrics.route_ok(provider.name());
                     crate::crash_point!("after_create");
-                    if !record_submitted(ctx, batch, &pb, abandon).await {
+                    let recorded = record_submitted(ctx, batch, &pb, abandon).await;
+                    drop(creating);
+                    if !recorded {
                         return Submission::Abandoned;
                     }
                     return Submission::Created { pb, adopted: false };
                 }
                 Err(CreateError::Refused(e)) => {
+                    drop(creating);
                     let action = classify_refusal(&e);
                     tracing::warn!(provider = provider.name(), batch = %batch.id, error = %e, ?action, "create refused");
                     let wait = match action {
@@ -338,6 +364,8 @@ async fn submit(
                     }
                 }
                 Err(CreateError::Ambiguous(e)) => {
+                    // The lookup waits minutes: the revocation does not.
+                    drop(creating);
                     tracing::warn!(provider = provider.name(), batch = %batch.id, error = %e, "create outcome unknown; resolving by lookup");
                     ctx.metrics.ambiguous_create(provider.name());
                     match resolve_ambiguous(ctx, provider, batch, file_id.as_deref(), abandon).await
@@ -803,6 +831,16 @@ async fn drive_batch(
                 return split(&ctx, batch, None, &error, &abandon)
                     .await
                     .unwrap_or_default();
+            }
+            Submission::Release(_creating) => {
+                tracing::info!(batch = %batch.id, "partition handed over before the create was sent; its requests go back to the journal");
+                let all = (0..batch.len() as u32).collect();
+                let group = vec![(all, batch.attempt, batch.requeues)];
+                // The next owner packs them again from the `done`.
+                if let Some(successors) = hand_off(&ctx, batch, group, "handover", &abandon).await {
+                    successors.iter().for_each(SealedBatch::remove_files);
+                }
+                return Vec::new();
             }
             Submission::Canceled => {
                 tracing::info!(batch = %batch.id, "cancelled before its create was sent; every request is canceled");

@@ -255,6 +255,80 @@ async fn a_clean_hand_over_publishes_nothing_twice() {
     assert_eq!(exactly_once(&results).len(), n);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hand_over_before_the_create_sends_none_and_hands_the_requests_back() {
+    // A's batches pause between their `uploaded` record and their create
+    // (the failpoint sleeps), and B joins meanwhile: the revocation waits
+    // for them; on the partitions B takes they send no create and hand
+    // their requests back through a `done`, which B packs again at once,
+    // with no create to resolve by lookup.
+    let sim = Sim::start(SimConfig {
+        batch_duration: Duration::from_secs(1),
+        seed: 8,
+        ..SimConfig::default()
+    })
+    .await;
+    let topics = Topics::create(4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        write_config(&d, &topics, &sim, "openai", None)
+    };
+    let n = 200;
+    let (records, expected) = numbered_chat_requests("release", "openai", "gpt-4o-mini", n);
+    let (a_log, b_log) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let a = Process::start(
+        &config("a"),
+        Some("after_upload=sleep(8000)"),
+        a_log.clone(),
+    );
+    wait_for_log(&a_log, "partition ready", 4);
+    produce_unbatched(&topics.requests, &records).await;
+    wait_for_log(&a_log, "batch file uploaded", 4);
+    let b = Process::start(&config("b"), None, b_log.clone());
+    wait_for_log(&b_log, "partition ready", 1);
+    let (_, missing) = read_until_keys(&topics.results, &expected, RESULT_TIMEOUT);
+    tokio::task::block_in_place(|| {
+        b.stop();
+        a.stop();
+    });
+    let a_text = std::fs::read_to_string(&a_log).unwrap();
+    let b_text = std::fs::read_to_string(&b_log).unwrap();
+    let kept = || dir.path().to_owned();
+    assert!(missing.is_empty(), "{} results missing", missing.len());
+    assert!(
+        a_text.contains("partition handed over before the create was sent"),
+        "no batch of a revoked partition was between its upload and its create; A's log:\n{}",
+        a_text
+            .lines()
+            .filter(|l| ["revo", "uploaded", "handed", "submitted", "assigned"]
+                .iter()
+                .any(|w| l.contains(w)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        !b_text.contains("resolving a create a previous owner may have sent"),
+        "B had a create to resolve ({:?})",
+        kept()
+    );
+    check_promise(
+        &topics,
+        &sim,
+        &expected,
+        "openai",
+        "hand-over before create",
+    )
+    .await;
+    let results: Vec<Record> = read_all(&topics.results)
+        .await
+        .into_iter()
+        .filter(|r| !r.key_str().starts_with("end-of-log"))
+        .collect();
+    assert_eq!(exactly_once(&results).len(), n);
+}
+
 /// The chaos run: 20,000 requests over 4 partitions and two instances,
 /// three SIGKILLs with a fresh instance each time, 429 and 5xx storms, 1 %
 /// per-request errors, expiring batches and ambiguous creates. It prints

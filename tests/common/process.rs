@@ -120,6 +120,11 @@ impl Process {
             } else {
                 format!("{fp}=return")
             };
+            // A sleeping failpoint blocks its tokio worker: enough workers
+            // keep the batches that are not asleep going.
+            if spec.contains("sleep(") {
+                cmd.env("TOKIO_WORKER_THREADS", "16");
+            }
             cmd.env("FAILPOINTS", spec);
         }
         Process {
