@@ -545,20 +545,25 @@ fn replay(
         journal.note_provider_batches(p, &o.local_batch, [], [o.provider_batch]);
     }
     journal.replayed(p);
-    // Cancel records: an open batch takes its cancel when its task starts;
-    // one naming no batch of this partition is tombstoned (those of
-    // finished batches go with the batch's keys).
+    // Cancel records: an open batch takes its cancel when its task starts
+    // (those of finished batches go with the batch's keys).
     for id in &replay.cancels {
         if recovery.rebuilding.iter().any(|r| r.record.id == *id) {
             journal.remember_cancel(id);
-        } else if !replay.batches.contains_key(id) {
-            for key in back.keys.get(id).into_iter().flatten() {
+        }
+    }
+    // Keys of no batch the journal knows (only void records or cancels name
+    // it) go now.
+    for (id, keys) in &back.keys {
+        if !replay.batches.contains_key(id) {
+            for key in keys {
                 if let Err(e) = runtime.block_on(journal.tombstone(p, key)) {
-                    tracing::debug!(partition = p, key, error = %e, "cancel record not tombstoned");
+                    tracing::debug!(partition = p, key, error = %e, "stale key not tombstoned");
                 }
             }
         }
     }
+    journal.adopt_stale(p, back.stale.clone());
     Ok(recovery)
 }
 

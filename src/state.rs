@@ -47,6 +47,8 @@ struct Written {
     /// Provider batches only void records name (another owner's creates),
     /// waiting for this batch's `done`: those it did not adopt are orphans.
     void_submitted: Vec<ProviderBatchRef>,
+    /// Found in the journal at the claim: earlier owners' keys.
+    adopted: bool,
 }
 
 impl Written {
@@ -57,6 +59,7 @@ impl Written {
             done,
             provider_batches: Vec::new(),
             void_submitted: Vec::new(),
+            adopted: false,
         }
     }
 
@@ -86,6 +89,9 @@ struct Owned {
     revoked: CancellationToken,
     /// Its replay has ended: what the journal held is known here.
     replayed: bool,
+    /// Earlier owners' live claims and marks: tombstoned once none of
+    /// their batches is live any more and this owner has marked.
+    stale: Vec<String>,
     batches: HashMap<String, Written>,
 }
 
@@ -256,6 +262,7 @@ impl Journal {
                 confirmed_upto: claimed_at,
                 revoked: CancellationToken::new(),
                 replayed: false,
+                stale: Vec::new(),
                 batches: HashMap::new(),
             },
         );
@@ -663,20 +670,28 @@ impl Journal {
     /// then tombstones every key of each finished batch wholly below it
     /// (`done` last). Returns how many batches were cleaned up.
     pub async fn committed(&self, p: i32, committed: i64) -> Result<usize, StateError> {
-        let (epoch, finished) = {
+        let (epoch, finished, stale) = {
             let owned = self.owned.lock().expect("journal lock");
             let Some(o) = owned.get(&p) else {
                 return Err(StateError::NotOwner(p));
             };
+            let done = |w: &Written| w.done && w.max_offset < committed;
             let finished: Vec<String> = o
                 .batches
                 .iter()
-                .filter(|(_, w)| w.done && w.max_offset < committed)
+                .filter(|(_, w)| done(w))
                 .map(|(id, _)| id.clone())
                 .collect();
-            (o.epoch.clone(), finished)
+            // Earlier claims and marks go once no record of theirs lies
+            // before this owner's claim any more (DESIGN.md "Durability").
+            let stale = if o.batches.values().all(|w| !w.adopted || done(w)) {
+                o.stale.clone()
+            } else {
+                Vec::new()
+            };
+            (o.epoch.clone(), finished, stale)
         };
-        if finished.is_empty() {
+        if finished.is_empty() && stale.is_empty() {
             return Ok(0);
         }
         let mark = Record {
@@ -701,7 +716,22 @@ impl Journal {
                 o.batches.remove(id);
             }
         }
+        for key in &stale {
+            self.send(p, key, None).await?;
+        }
+        if !stale.is_empty() {
+            if let Some(o) = self.owned.lock().expect("journal lock").get_mut(&p) {
+                o.stale.retain(|k| !stale.contains(k));
+            }
+        }
         Ok(finished.len())
+    }
+
+    /// Earlier owners' live claims and marks of `p`, found at the claim.
+    pub fn adopt_stale(&self, p: i32, keys: Vec<String>) {
+        if let Some(o) = self.owned.lock().expect("journal lock").get_mut(&p) {
+            o.stale = keys;
+        }
     }
 
     /// Records keys of a replayed batch this owner must tombstone too once
@@ -712,6 +742,7 @@ impl Journal {
                 .batches
                 .entry(batch.to_owned())
                 .or_insert_with(|| Written::new(max_offset, done));
+            w.adopted = true;
             let mut all = keys;
             all.append(&mut w.keys);
             w.keys = all;
@@ -813,6 +844,8 @@ pub struct ReadBack {
     pub replay: Replay,
     /// Every live key seen, by batch id, in log order.
     pub keys: HashMap<String, Vec<String>>,
+    /// The live claims and marks of earlier epochs.
+    pub stale: Vec<String>,
 }
 
 /// Reads state partition `p` from the start up to the claim of `epoch`
@@ -832,6 +865,8 @@ pub fn read_back(
     let claim_key = format!("{p}/claim/{epoch}");
     let mut records: Vec<Option<Record>> = Vec::new();
     let mut keys: HashMap<String, Vec<String>> = HashMap::new();
+    let mut stale: Vec<String> = Vec::new();
+    let (claim_prefix, mark_prefix) = (format!("{p}/claim/"), format!("{p}/mark/"));
     let deadline = Instant::now() + timeout;
     loop {
         if Instant::now() >= deadline {
@@ -861,10 +896,18 @@ pub fn read_back(
                 }
             },
         };
-        if let Some(batch) = key.split('/').next().filter(|b| b.starts_with("bl-")) {
-            let list = keys.entry(batch.to_owned()).or_default();
+        let list = match key.split('/').next().filter(|b| b.starts_with("bl-")) {
+            Some(batch) => Some(keys.entry(batch.to_owned()).or_default()),
+            None if key.starts_with(&claim_prefix) || key.starts_with(&mark_prefix) => {
+                Some(&mut stale)
+            }
+            None => None,
+        };
+        if let Some(list) = list {
             if record.is_some() {
-                list.push(key.clone());
+                if !list.contains(&key) {
+                    list.push(key.clone());
+                }
             } else {
                 list.retain(|k| *k != key);
             }
@@ -872,7 +915,11 @@ pub fn read_back(
         records.push(record);
     }
     let replay = Replay::fold(records.iter().map(Option::as_ref));
-    Ok(ReadBack { replay, keys })
+    Ok(ReadBack {
+        replay,
+        keys,
+        stale,
+    })
 }
 
 #[cfg(test)]

@@ -78,9 +78,11 @@ impl Followed {
             // nothing more (and the later records are the next owner's).
             return None;
         }
+        // A tombstone of an earlier claim (its owner's cleanup) claims
+        // nothing.
         if let Some(epoch) = key
             .strip_prefix(&format!("{p}/claim/"))
-            .filter(|e| *e != self.epoch)
+            .filter(|e| *e != self.epoch && payload.is_some())
         {
             tracing::debug!(partition = p, offset, epoch, "another owner's claim read");
             self.other_claim.get_or_insert(offset);
@@ -306,9 +308,18 @@ mod tests {
         // Handed out again after later ones: not taken twice.
         assert_eq!(f.take(3, 13, "3/claim/late", LIVE), None);
         assert_eq!(f.other_claim, Some(14));
+        assert_eq!(f.other_claim, Some(14));
         assert_eq!(f.next, 16);
         // Void from there on: nothing is acted on.
         assert_eq!(f.take(3, 16, "bl-3-a/cancel/u1", LIVE), None);
+    }
+
+    #[test]
+    fn a_tombstoned_claim_claims_nothing() {
+        let mut f = followed();
+        assert_eq!(f.take(3, 11, "3/claim/earlier", None), None);
+        assert_eq!(f.other_claim, None);
+        assert_eq!(f.next, 12);
     }
 
     #[test]

@@ -331,8 +331,9 @@ async fn check_promise(topics: &Topics, sim: &Sim, expected: &HashSet<String>) {
 
 /// After the start-up compaction the log holds one record per key (Tansu
 /// keeps the latest, tombstones included, and never drops tombstones), and
-/// the keys whose latest value is not a tombstone are claims and marks only:
-/// every batch was finished, committed and tombstoned.
+/// the keys whose latest value is not a tombstone are each partition's latest
+/// claim and mark only: every batch was finished, committed and tombstoned,
+/// and so were earlier claims and marks.
 async fn check_state_topic(state: &str, compacted: u64) {
     let read = read_all(state).await;
     // Tansu 0.6 hands a reader of a compacted partition (offsets with gaps)
@@ -395,8 +396,16 @@ async fn check_state_topic(state: &str, compacted: u64) {
         open.is_empty(),
         "every batch finished, yet the state topic has live batch keys: {open:?}"
     );
+    // Earlier claims and marks are tombstoned once the owner has marked
+    // and no batch of theirs is live: each partition keeps its latest
+    // claim, and at most one mark.
+    assert_eq!(
+        live_by_kind.get("claim").copied().unwrap_or(0),
+        4,
+        "each of the 4 partitions has its latest claim live, and only that: {live:?}"
+    );
     assert!(
-        live_by_kind.get("claim").copied().unwrap_or(0) >= 4,
-        "each of the 4 partitions has its latest claim live: {live_by_kind:?}"
+        live_by_kind.get("mark").copied().unwrap_or(0) <= 4,
+        "at most one mark per partition is live: {live:?}"
     );
 }

@@ -1340,14 +1340,21 @@ async fn the_budget_holds_submission_and_pauses_consumption_until_raised() {
     .await;
     assert_eq!(held.max_usd_per_day, Some(0.0));
     assert_eq!(held.spent_usd, 0.0);
-    // Held: nothing reached the provider, consumption is paused, and
-    // /readyz and the metrics say why.
-    let samples = parse_exposition(&scrape(&listen).await);
+    // Held: nothing reached the provider, consumption is paused (by the
+    // ingest loop's next turn), and /readyz and the metrics say why.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let samples = loop {
+        let samples = parse_exposition(&scrape(&listen).await);
+        if sum(&samples, "batchline_consumer_paused", &[]) == 1.0 {
+            break samples;
+        }
+        assert!(Instant::now() < deadline, "consumption not paused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         sum(&samples, "batchline_budget_held_batches", &[]),
         held.held_batches as f64
     );
-    assert_eq!(sum(&samples, "batchline_consumer_paused", &[]), 1.0);
     assert_eq!(sum(&samples, "batchline_budget_limit_usd", &[]), 0.0);
     let (status, body) = readyz(&base).await;
     assert_eq!(status, 503, "{body}");
