@@ -192,12 +192,17 @@ async fn partitions_move_between_instances_with_batches_in_flight() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_clean_hand_over_publishes_nothing_twice() {
-    // A's collections pause halfway through their results (the failpoint
-    // sleeps), and B joins meanwhile: the revocation of the partitions B
-    // takes waits for those collections to publish, confirm their `done`
-    // and commit, so B publishes none of their results again.
+/// What a hand-over run left: both instances' logs.
+struct HandOver {
+    a_log: String,
+    b_log: String,
+}
+
+/// Instance A runs `n` requests over 4 partitions with `failpoint` pausing
+/// its batches; once `paused` appears 4 times in its log, B joins and takes
+/// partitions from A while they are paused. Checks that every request has
+/// exactly one result (no repeat at all) and was billed as its status says.
+async fn hand_over_while_paused(prefix: &str, n: usize, failpoint: &str, paused: &str) -> HandOver {
     let sim = Sim::start(SimConfig {
         batch_duration: Duration::from_secs(1),
         seed: 7,
@@ -211,14 +216,12 @@ async fn a_clean_hand_over_publishes_nothing_twice() {
         std::fs::create_dir_all(&d).unwrap();
         write_config(&d, &topics, &sim, "openai", None)
     };
-    let n = 400;
-    let (records, expected) = numbered_chat_requests("handover", "openai", "gpt-4o-mini", n);
+    let (records, expected) = numbered_chat_requests(prefix, "openai", "gpt-4o-mini", n);
     let (a_log, b_log) = (dir.path().join("a.log"), dir.path().join("b.log"));
-    let a = Process::start(&config("a"), Some("mid_publish=sleep(6000)"), a_log.clone());
+    let a = Process::start(&config("a"), Some(failpoint), a_log.clone());
     wait_for_log(&a_log, "partition ready", 4);
     produce_unbatched(&topics.requests, &records).await;
-    // Windows of 100: one batch per partition, all collecting at once.
-    wait_for_log(&a_log, "batch ended", 4);
+    wait_for_log(&a_log, paused, 4);
     let b = Process::start(&config("b"), None, b_log.clone());
     // B gets its partitions once A has let them go.
     wait_for_log(&b_log, "partition ready", 1);
@@ -227,24 +230,8 @@ async fn a_clean_hand_over_publishes_nothing_twice() {
         b.stop();
         a.stop();
     });
-    let a_text = std::fs::read_to_string(&a_log).unwrap();
-    let b_text = std::fs::read_to_string(&b_log).unwrap();
-    let kept = || dir.path().to_owned();
     assert!(missing.is_empty(), "{} results missing", missing.len());
-    // The hand-over happened while A was collecting on the partitions it
-    // gave up, and A finished those collections before letting them go.
-    assert!(
-        b_text.contains("journal replayed; partition ready"),
-        "B took no partition ({:?})",
-        kept()
-    );
-    assert!(
-        a_text.contains("revocation waits for the collections in progress"),
-        "no collection was in progress at the revocation ({:?})",
-        kept()
-    );
-    assert!(!a_text.contains("collections still running at the revocation deadline"));
-    check_promise(&topics, &sim, &expected, "openai", "clean hand-over").await;
+    check_promise(&topics, &sim, &expected, "openai", prefix).await;
     // Every custom_id exactly once: no repeat at all (past the end markers
     // the read above wrote).
     let results: Vec<Record> = read_all(&topics.results)
@@ -253,80 +240,76 @@ async fn a_clean_hand_over_publishes_nothing_twice() {
         .filter(|r| !r.key_str().starts_with("end-of-log"))
         .collect();
     assert_eq!(exactly_once(&results).len(), n);
+    HandOver {
+        a_log: std::fs::read_to_string(&a_log).unwrap(),
+        b_log: std::fs::read_to_string(&b_log).unwrap(),
+    }
+}
+
+/// The lines of `log` that tell how partitions and batches moved.
+fn moves(log: &str) -> String {
+    log.lines()
+        .filter(|l| {
+            [
+                "revo",
+                "uploaded",
+                "handed",
+                "submitted",
+                "assigned",
+                "ready",
+            ]
+            .iter()
+            .any(|w| l.contains(w))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_hand_over_publishes_nothing_twice() {
+    // A's collections pause halfway through their results, and B joins
+    // meanwhile: the revocation of the partitions B takes waits for those
+    // collections to publish, confirm their `done` and commit, so B
+    // publishes none of their results again (100 repeats without the wait).
+    let run =
+        hand_over_while_paused("handover", 400, "mid_publish=sleep(6000)", "batch ended").await;
+    assert!(
+        run.a_log
+            .contains("revocation waits for the collections in progress"),
+        "no collection was in progress at the revocation; A's log:\n{}",
+        moves(&run.a_log)
+    );
+    assert!(!run
+        .a_log
+        .contains("collections still running at the revocation deadline"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hand_over_before_the_create_sends_none_and_hands_the_requests_back() {
-    // A's batches pause between their `uploaded` record and their create
-    // (the failpoint sleeps), and B joins meanwhile: the revocation waits
-    // for them; on the partitions B takes they send no create and hand
-    // their requests back through a `done`, which B packs again at once,
-    // with no create to resolve by lookup.
-    let sim = Sim::start(SimConfig {
-        batch_duration: Duration::from_secs(1),
-        seed: 8,
-        ..SimConfig::default()
-    })
-    .await;
-    let topics = Topics::create(4).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = |name: &str| {
-        let d = dir.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        write_config(&d, &topics, &sim, "openai", None)
-    };
-    let n = 200;
-    let (records, expected) = numbered_chat_requests("release", "openai", "gpt-4o-mini", n);
-    let (a_log, b_log) = (dir.path().join("a.log"), dir.path().join("b.log"));
-    let a = Process::start(
-        &config("a"),
-        Some("after_upload=sleep(8000)"),
-        a_log.clone(),
-    );
-    wait_for_log(&a_log, "partition ready", 4);
-    produce_unbatched(&topics.requests, &records).await;
-    wait_for_log(&a_log, "batch file uploaded", 4);
-    let b = Process::start(&config("b"), None, b_log.clone());
-    wait_for_log(&b_log, "partition ready", 1);
-    let (_, missing) = read_until_keys(&topics.results, &expected, RESULT_TIMEOUT);
-    tokio::task::block_in_place(|| {
-        b.stop();
-        a.stop();
-    });
-    let a_text = std::fs::read_to_string(&a_log).unwrap();
-    let b_text = std::fs::read_to_string(&b_log).unwrap();
-    let kept = || dir.path().to_owned();
-    assert!(missing.is_empty(), "{} results missing", missing.len());
-    assert!(
-        a_text.contains("partition handed over before the create was sent"),
-        "no batch of a revoked partition was between its upload and its create; A's log:\n{}",
-        a_text
-            .lines()
-            .filter(|l| ["revo", "uploaded", "handed", "submitted", "assigned"]
-                .iter()
-                .any(|w| l.contains(w)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    assert!(
-        !b_text.contains("resolving a create a previous owner may have sent"),
-        "B had a create to resolve ({:?})",
-        kept()
-    );
-    check_promise(
-        &topics,
-        &sim,
-        &expected,
-        "openai",
-        "hand-over before create",
+    // A's batches pause between their `uploaded` record and their create,
+    // and B joins meanwhile: the revocation waits for them; on the
+    // partitions B takes they send no create and hand their requests back
+    // through a `done`, which B packs again at once, with no create to
+    // resolve by lookup.
+    let run = hand_over_while_paused(
+        "release",
+        200,
+        "after_upload=sleep(8000)",
+        "batch file uploaded",
     )
     .await;
-    let results: Vec<Record> = read_all(&topics.results)
-        .await
-        .into_iter()
-        .filter(|r| !r.key_str().starts_with("end-of-log"))
-        .collect();
-    assert_eq!(exactly_once(&results).len(), n);
+    assert!(
+        run.a_log
+            .contains("partition handed over before the create was sent"),
+        "no batch of a revoked partition was between its upload and its create; A's log:\n{}",
+        moves(&run.a_log)
+    );
+    assert!(
+        !run.b_log
+            .contains("resolving a create a previous owner may have sent"),
+        "B had a create to resolve; B's log:\n{}",
+        moves(&run.b_log)
+    );
 }
 
 /// The chaos run: 20,000 requests over 4 partitions and two instances,
