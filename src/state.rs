@@ -120,14 +120,16 @@ struct Drain {
     draining: HashSet<i32>,
 }
 
-/// A collection in progress on a partition, from its first result to its
-/// confirmed `done` and released offsets; see [`Journal::collecting`].
-pub struct Collecting<'a> {
+/// Work on a partition that its revocation waits for: a collection, from
+/// its first result to its confirmed `done` and released offsets
+/// ([`Journal::collecting`]), or a create, from the record that allows it
+/// to its `submitted` record ([`Journal::creating`]).
+pub struct InProgress<'a> {
     journal: &'a Journal,
     partition: i32,
 }
 
-impl Drop for Collecting<'_> {
+impl Drop for InProgress<'_> {
     fn drop(&mut self) {
         let mut drain = self.journal.drain.lock().expect("drain lock");
         if let Some(n) = drain.collecting.get_mut(&self.partition) {
@@ -302,13 +304,13 @@ impl Journal {
     /// Starts a collection on `p`: a revocation of `p` waits until the
     /// returned guard drops. `None` while `p` is being given up: the
     /// collection is left to the next owner.
-    pub fn collecting(&self, p: i32) -> Option<Collecting<'_>> {
+    pub fn collecting(&self, p: i32) -> Option<InProgress<'_>> {
         let mut drain = self.drain.lock().expect("drain lock");
         if drain.draining.contains(&p) {
             return None;
         }
         *drain.collecting.entry(p).or_default() += 1;
-        Some(Collecting {
+        Some(InProgress {
             journal: self,
             partition: p,
         })
@@ -319,10 +321,10 @@ impl Journal {
     /// the create, [`Self::draining`] says whether `p` is being given up:
     /// then no create is sent, and the batch hands its requests back
     /// through a `done` under the guard.
-    pub fn creating(&self, p: i32) -> Collecting<'_> {
+    pub fn creating(&self, p: i32) -> InProgress<'_> {
         let mut drain = self.drain.lock().expect("drain lock");
         *drain.collecting.entry(p).or_default() += 1;
-        Collecting {
+        InProgress {
             journal: self,
             partition: p,
         }

@@ -29,7 +29,7 @@ use crate::provider::{
     BatchState, CreateError, Provider, ProviderBatch, ProviderError, RequestCounts,
 };
 use crate::publisher::Publisher;
-use crate::state::{Collecting, StateError};
+use crate::state::{InProgress, StateError};
 use crate::status::{BatchPhase, Registration, Registry};
 use crate::tracker::{self, TrackOptions, Tracked};
 
@@ -152,7 +152,7 @@ enum Submission<'a> {
     /// The partition is being handed over and the create was not sent:
     /// the requests go back through a `done` (held by the guard, which the
     /// revocation waits for).
-    Release(Collecting<'a>),
+    Release(InProgress<'a>),
     Abandoned,
 }
 
