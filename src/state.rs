@@ -456,19 +456,23 @@ impl Journal {
         let Some(o) = owned.get_mut(&p) else {
             return;
         };
-        if let Some(w) = o.batches.get_mut(batch_id) {
-            if w.provider_batches.contains(&pb.id) {
-                return;
-            }
-            if !w.done {
+        let orphans = match o.batches.get_mut(batch_id) {
+            Some(w) => {
                 w.void_submitted.push(pb);
-                return;
+                if w.done {
+                    w.orphans(batch_id)
+                } else {
+                    Vec::new()
+                }
             }
+            None => vec![Orphan {
+                local_batch: batch_id.to_owned(),
+                provider_batch: pb,
+            }],
+        };
+        for orphan in orphans {
+            let _ = self.orphans_tx.send(orphan);
         }
-        let _ = self.orphans_tx.send(Orphan {
-            local_batch: batch_id.to_owned(),
-            provider_batch: pb,
-        });
     }
 
     /// What the tail reads for the owner to act on (cancel records, void

@@ -52,6 +52,8 @@ pub struct CancelSeen {
 #[derive(Debug)]
 struct Followed {
     epoch: String,
+    /// `<p>/claim/`: the keys of the partition's claims.
+    claim_prefix: String,
     /// The offset after the last record read: every record below it has
     /// been seen (each offset once: Tansu hands a compacted partition's
     /// records out again after later ones).
@@ -81,7 +83,7 @@ impl Followed {
         // A tombstone of an earlier claim (its owner's cleanup) claims
         // nothing.
         if let Some(epoch) = key
-            .strip_prefix(&format!("{p}/claim/"))
+            .strip_prefix(&self.claim_prefix)
             .filter(|e| *e != self.epoch && payload.is_some())
         {
             tracing::debug!(partition = p, offset, epoch, "another owner's claim read");
@@ -178,6 +180,7 @@ impl Tail {
             p,
             Followed {
                 epoch: epoch.to_owned(),
+                claim_prefix: format!("{p}/claim/"),
                 next: claim + 1,
                 other_claim: None,
             },
@@ -288,6 +291,7 @@ mod tests {
     fn followed() -> Followed {
         Followed {
             epoch: "mine".into(),
+            claim_prefix: "3/claim/".into(),
             next: 11,
             other_claim: None,
         }

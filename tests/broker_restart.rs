@@ -172,15 +172,7 @@ impl Drop for KeepOnPanic {
 
 /// The simulator's batches by status.
 async fn batch_statuses(sim: &Sim) -> BTreeMap<String, usize> {
-    let list: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/batches?limit=100", sim.openai_url()))
-        .bearer_auth("sk-test")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = sim.openai_get("/batches?limit=100").await;
     let mut out = BTreeMap::new();
     for b in list["data"].as_array().unwrap() {
         *out.entry(b["status"].as_str().unwrap().to_owned())

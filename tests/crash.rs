@@ -133,11 +133,7 @@ async fn partitions_move_between_instances_with_batches_in_flight() {
     .await;
     let topics = Topics::create(4).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = |name: &str| {
-        let d = dir.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        write_config(&d, &topics, &sim, "openai", None)
-    };
+    let config = |name: &str| write_config(&dir.path().join(name), &topics, &sim, "openai", None);
     let n = 2000;
     let (records, expected) = numbered_chat_requests("move", "openai", "gpt-4o-mini", n);
     let a_log = dir.path().join("a.log");
@@ -211,11 +207,7 @@ async fn hand_over_while_paused(prefix: &str, n: usize, failpoint: &str, paused:
     .await;
     let topics = Topics::create(4).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = |name: &str| {
-        let d = dir.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        write_config(&d, &topics, &sim, "openai", None)
-    };
+    let config = |name: &str| write_config(&dir.path().join(name), &topics, &sim, "openai", None);
     let (records, expected) = numbered_chat_requests(prefix, "openai", "gpt-4o-mini", n);
     let (a_log, b_log) = (dir.path().join("a.log"), dir.path().join("b.log"));
     let a = Process::start(&config("a"), Some(failpoint), a_log.clone());
@@ -347,7 +339,6 @@ async fn chaos() {
     let mut start = |dir: &Path| {
         generation += 1;
         let d = dir.join(format!("i{generation}"));
-        std::fs::create_dir_all(&d).unwrap();
         let config = write_config(&d, &topics, &sim, "openai", None);
         let log = d.join("batchline.log");
         (Process::start(&config, None, log.clone()), log)

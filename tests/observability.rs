@@ -1314,13 +1314,23 @@ fn chat_records(ids: &[String]) -> Vec<Produce> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_budget_holds_submission_and_pauses_consumption_until_raised() {
+/// One instance over one partition whose daily budget is 0: its first
+/// batch (windows of 10) waits before its `intent`.
+struct ZeroBudget {
+    sim: Sim,
+    topics: Topics,
+    _spool: tempfile::TempDir,
+    listen: String,
+    base: String,
+    batchline: Batchline,
+    api: batchline::cli::StatusApi,
+}
+
+async fn zero_budget() -> ZeroBudget {
     let sim = Sim::start(SimConfig::default()).await;
     let topics = Topics::create(1).await;
     let spool = tempfile::tempdir().unwrap();
     let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
-    // Nothing may be spent: the first batch waits.
     cfg.budget.max_usd_per_day = Some(0.0);
     cfg.window.max_requests = Some(10);
     let listen = free_listen_addr();
@@ -1329,6 +1339,29 @@ async fn the_budget_holds_submission_and_pauses_consumption_until_raised() {
     let batchline = Batchline::start(cfg);
     wait_until_serving(&base).await;
     let api = batchline::cli::StatusApi::new(&base, None).unwrap();
+    ZeroBudget {
+        sim,
+        topics,
+        _spool: spool,
+        listen,
+        base,
+        batchline,
+        api,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_budget_holds_submission_and_pauses_consumption_until_raised() {
+    // Nothing may be spent: the first batch waits.
+    let ZeroBudget {
+        sim,
+        topics,
+        _spool,
+        listen,
+        base,
+        batchline,
+        api,
+    } = zero_budget().await;
 
     let first: Vec<String> = (0..30).map(|i| format!("budget-a-{i:03}")).collect();
     // One record per batch: consumption resumes mid-topic, and Tansu
@@ -1420,20 +1453,16 @@ async fn the_budget_holds_submission_and_pauses_consumption_until_raised() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_cancelled_before_its_create_is_never_sent() {
-    let sim = Sim::start(SimConfig::default()).await;
-    let topics = Topics::create(1).await;
-    let spool = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(&topics, &sim.openai_url(), spool.path());
     // The daily budget holds the batch before its create, long enough to
     // cancel it there.
-    cfg.budget.max_usd_per_day = Some(0.0);
-    cfg.window.max_requests = Some(10);
-    let listen = free_listen_addr();
-    cfg.http.listen = listen.clone();
-    let base = format!("http://{listen}");
-    let batchline = Batchline::start(cfg);
-    wait_until_serving(&base).await;
-    let api = batchline::cli::StatusApi::new(&base, None).unwrap();
+    let ZeroBudget {
+        sim,
+        topics,
+        _spool,
+        batchline,
+        api,
+        ..
+    } = zero_budget().await;
 
     let ids: Vec<String> = (0..10).map(|i| format!("early-{i:03}")).collect();
     produce_unbatched(&topics.requests, &chat_records(&ids)).await;
@@ -1519,15 +1548,7 @@ async fn create_sim_batch(sim: &Sim, custom_id: &str) -> String {
 }
 
 async fn sim_batch_status(sim: &Sim, id: &str) -> String {
-    let batch: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/batches/{id}", sim.openai_url()))
-        .bearer_auth("sk-test-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let batch = sim.openai_get(&format!("/batches/{id}")).await;
     batch["status"].as_str().unwrap_or_default().to_owned()
 }
 

@@ -423,6 +423,19 @@ impl Sim {
         format!("http://{}/openai/v1", self.addr)
     }
 
+    /// `GET` of a path of the simulator's OpenAI API, as JSON.
+    pub async fn openai_get(&self, path: &str) -> serde_json::Value {
+        reqwest::Client::new()
+            .get(format!("{}{path}", self.openai_url()))
+            .bearer_auth("sk-test")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn stats(&self) -> serde_json::Value {
         reqwest::get(format!("http://{}/sim/stats", self.addr))
             .await

@@ -14,7 +14,8 @@ pub struct Process {
     pub log: PathBuf,
 }
 
-/// A batchline configuration for `topics` and `sim` in `dir`: short session
+/// A batchline configuration for `topics` and `sim` in `dir` (created if
+/// missing): short session
 /// and rebalance timeouts, fast polling, small windows. `in_flight` caps the
 /// OpenAI provider's batches in flight (default: its own).
 pub fn write_config(
@@ -24,6 +25,7 @@ pub fn write_config(
     provider: &str,
     in_flight: Option<u32>,
 ) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let spool = dir.join("spool");
     let base = |prefix: &str| format!("http://{}/{prefix}/v1", sim.addr);
     let toml = format!(
