@@ -41,6 +41,8 @@ pub struct BenchOptions {
     pub requests: usize,
     pub partitions: i32,
     pub body_bytes: usize,
+    /// batchline's `window.max_wait` in the throughput run.
+    pub max_wait: Duration,
     /// Give up on a phase after this long.
     pub timeout: Duration,
 }
@@ -63,7 +65,6 @@ async fn create_topics(brokers: &str, names: &[&str], partitions: i32) -> Result
     Ok(())
 }
 
-/// A chat request of about `body_bytes`, as producers send them.
 /// Vocabulary of the benchmark's prompts.
 const WORDS: &[&str] = &[
     "the",
@@ -160,6 +161,8 @@ const WORDS: &[&str] = &[
     "urgent",
 ];
 
+/// Request `i`: a chat request of about `body_bytes`, as producers send
+/// them, keyed by its custom_id.
 pub fn request_message(i: usize, body_bytes: usize) -> (String, String) {
     let id = format!("bench-{i:08}");
     // Words drawn per message, so that compression sees text about as
@@ -177,13 +180,14 @@ pub fn request_message(i: usize, body_bytes: usize) -> (String, String) {
         text.push(if x % 11 == 0 { '.' } else { ' ' });
     }
     text.truncate(want);
-    let value = serde_json::json!({
-        "custom_id": id,
-        "provider": "openai",
-        "body": {"model": if i % 2 == 0 { "gpt-4o-mini" } else { "gpt-4o" }, "messages": [{"role": "user", "content": text}], "max_tokens": 32},
-        "metadata": {"n": i},
-    });
-    (id, value.to_string())
+    let model = if i % 2 == 0 { "gpt-4o-mini" } else { "gpt-4o" };
+    // Written out rather than built as a `serde_json::Value`: the words need
+    // no escaping, and building maps per message cost the benchmark's own
+    // process more CPU than producing them.
+    let value = format!(
+        r#"{{"custom_id":"{id}","provider":"openai","body":{{"model":"{model}","messages":[{{"role":"user","content":"{text}"}}],"max_tokens":32}},"metadata":{{"n":{i}}}}}"#
+    );
+    (id, value)
 }
 
 async fn produce_requests(
@@ -457,12 +461,13 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
 
     let (sim_addr, sim_stop) = start_sim(zero_latency()).await?;
     let spool = tempfile::tempdir()?;
+    let max_wait = format!("{}ms", opts.max_wait.as_millis());
     let mut child = spawn_batchline(
         &opts.brokers,
         &id,
         &sim_addr,
         spool.path(),
-        &[("BATCHLINE__WINDOW__MAX_WAIT", "1s")],
+        &[("BATCHLINE__WINDOW__MAX_WAIT", &max_wait)],
     )?;
     // The clock starts once batchline is ready (partitions assigned and
     // their journal replayed), as the ceiling's starts at its first message.
@@ -490,7 +495,7 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
     let e2e_rate = n as f64 / e2e.as_secs_f64();
 
     let report = format!(
-        "requests:            {n} of ~{body} bytes over {parts} partitions\n\
+        "requests:            {n} of ~{body} bytes over {parts} partitions, window.max_wait {wait:?}\n\
          passthrough ceiling: {pass_rate:>10.0} msg/s ({pass:.2?})\n\
          batchline e2e:       {e2e_rate:>10.0} req/s ({e2e:.2?}, first produce to last result)\n\
          ratio:               {ratio:>10.2}x of the ceiling\n\
@@ -499,6 +504,7 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
          batchline CPU:       {cpu:>10.3} s per 1,000 requests ({total:.1} s)\n",
         body = opts.body_bytes,
         parts = opts.partitions,
+        wait = opts.max_wait,
         ratio = e2e_rate / pass_rate,
         idle = mb(idle.rss_bytes),
         peak = mb(stats.peak_rss_bytes),
@@ -629,5 +635,36 @@ impl std::fmt::Debug for BatchlineChild {
             .field("pid", &self.child.id())
             .field("http", &self.http)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_requests_are_valid_requests_of_about_the_asked_size() {
+        for (i, size) in [(0, 1024), (1, 1024), (7, 4096), (12_345, 200)] {
+            let (key, value) = request_message(i, size);
+            let d = crate::model::decode_request(Some(key.as_bytes()), Some(value.as_bytes()))
+                .unwrap_or_else(|r| panic!("request {i} rejected: {}", r.message));
+            assert_eq!(d.custom_id, key);
+            assert_eq!(d.provider.as_deref(), Some("openai"));
+            let model = if i % 2 == 0 { "gpt-4o-mini" } else { "gpt-4o" };
+            assert_eq!(d.model, model);
+            assert_eq!(d.metadata.unwrap().get(), format!(r#"{{"n":{i}}}"#));
+            let body: serde_json::Value = serde_json::from_str(d.body.get()).unwrap();
+            assert_eq!(body["max_tokens"], 32);
+            assert!(
+                value.len().abs_diff(size) < 100,
+                "request {i}: {} bytes for {size}",
+                value.len()
+            );
+        }
+        // Drawn per message: two messages do not share their text.
+        assert_ne!(
+            request_message(1, 1024).1[60..],
+            request_message(2, 1024).1[60..]
+        );
     }
 }

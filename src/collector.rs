@@ -485,9 +485,7 @@ impl<'a> Collection<'a> {
             let now = chrono::Utc::now().timestamp_millis();
             self.ctx.metrics.result_latency((now - ts) as f64 / 1000.0);
         }
-        self.deliveries
-            .push(meta.custom_id.clone(), payload)
-            .await?;
+        self.deliveries.push(&meta.custom_id, &payload).await?;
         let published: u64 = self.collected.by_status.values().sum();
         if published + self.collected.retry.len() as u64 == (self.batch.len() as u64).div_ceil(2) {
             crate::crash_point!("mid_publish");

@@ -103,6 +103,10 @@ struct BenchArgs {
     /// Size of each request message.
     #[arg(long, default_value_t = 1024)]
     body_bytes: usize,
+    /// batchline's `window.max_wait` in the throughput run: the last window
+    /// of each route waits this long for more requests before it is sent.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    max_wait: Duration,
     /// Give up on a phase after this long.
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -265,6 +269,7 @@ async fn main() -> anyhow::Result<()> {
                 requests: args.requests,
                 partitions: args.partitions,
                 body_bytes: args.body_bytes,
+                max_wait: args.max_wait,
                 timeout: args.timeout,
             };
             let report = match args.mode.as_str() {

@@ -6,16 +6,16 @@
 //! told to abandon its work: a result is never dropped, though a crash may
 //! publish it twice (identically).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tokio::sync::Semaphore;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -43,13 +43,71 @@ pub struct RejectedInput {
     pub rejection: Rejection,
 }
 
+/// A message the broker did not take, kept to be sent again.
+struct Failed {
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Option<OwnedHeaders>,
+    error: KafkaError,
+}
+
+/// The deliveries of one [`Deliveries`] set that the broker has not yet
+/// confirmed, counted by the producer's delivery callback: no future,
+/// channel or allocation per message.
+#[derive(Default)]
+struct Pending {
+    in_flight: AtomicUsize,
+    /// Set with `failed`, read without its lock on every send.
+    any_failed: AtomicBool,
+    failed: Mutex<Vec<Failed>>,
+    /// Woken when the last delivery in flight is reported, or one failed.
+    changed: Notify,
+}
+
+/// The results producer's callbacks: each delivery report lands on the set
+/// that sent the message, and frees its place among the process's
+/// deliveries in flight.
+struct DeliveryCounter {
+    inflight: Arc<Semaphore>,
+}
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = Arc<Pending>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, pending: Arc<Pending>) {
+        if let Err((error, message)) = result {
+            let failed = Failed {
+                topic: message.topic().to_owned(),
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec),
+                headers: message.headers().map(|h| h.detach()),
+                error: error.clone(),
+            };
+            pending
+                .failed
+                .lock()
+                .expect("failed deliveries lock")
+                .push(failed);
+            pending.any_failed.store(true, Ordering::Release);
+            pending.changed.notify_one();
+        }
+        self.inflight.add_permits(1);
+        if pending.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            pending.changed.notify_one();
+        }
+    }
+}
+
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: ThreadedProducer<DeliveryCounter>,
     results_topic: String,
     dlq_topic: String,
     max_bytes: usize,
-    /// Result deliveries in flight over the whole process: memory held by
-    /// pending results stays bounded however many batches are collected.
+    /// Deliveries in flight over the whole process: memory held by pending
+    /// results stays bounded however many batches are collected.
     inflight: Arc<Semaphore>,
     /// Fired when in-flight work must be given up (shutdown deadline).
     abandon: CancellationToken,
@@ -69,13 +127,18 @@ impl Publisher {
         for (k, v) in &cfg.kafka.producer {
             client.set(k, v);
         }
-        let producer: FutureProducer = client.create().map_err(PublishError::Create)?;
+        let inflight = Arc::new(Semaphore::new(cfg.limits.max_inflight_deliveries));
+        let producer = client
+            .create_with_context(DeliveryCounter {
+                inflight: inflight.clone(),
+            })
+            .map_err(PublishError::Create)?;
         Ok(Publisher {
             producer,
             results_topic: cfg.topics.results.clone(),
             dlq_topic: cfg.topics.dlq.clone(),
             max_bytes: cfg.results.max_bytes,
-            inflight: Arc::new(Semaphore::new(cfg.limits.max_inflight_deliveries)),
+            inflight,
             abandon,
         })
     }
@@ -84,11 +147,13 @@ impl Publisher {
         self.max_bytes
     }
 
-    /// A set of result deliveries awaited together, bounded in number.
+    /// A set of deliveries awaited together, bounded in number over the
+    /// process.
     pub fn deliveries(&self) -> Deliveries<'_> {
         Deliveries {
             publisher: self,
-            pending: FuturesUnordered::new(),
+            pending: Arc::new(Pending::default()),
+            backoff: INITIAL_BACKOFF,
         }
     }
 
@@ -101,52 +166,9 @@ impl Publisher {
         payload: Option<&[u8]>,
         headers: Option<OwnedHeaders>,
     ) -> Result<(), PublishError> {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            if self.abandon.is_cancelled() {
-                return Err(PublishError::Abandoned {
-                    topic: topic.into(),
-                });
-            }
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
-            if let Some(k) = key {
-                record = record.key(k);
-            }
-            if let Some(p) = payload {
-                record = record.payload(p);
-            }
-            if let Some(h) = &headers {
-                record = record.headers(h.clone());
-            }
-            let error = match self.producer.send_result(record) {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => return Ok(()),
-                    Ok(Err((e, _))) => e,
-                    Err(_canceled) => KafkaError::Canceled,
-                },
-                Err((e, _)) => e,
-            };
-            match error {
-                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-                KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge) => {
-                    return Err(PublishError::TooLarge {
-                        topic: topic.into(),
-                        size: payload.map_or(0, <[u8]>::len),
-                    });
-                }
-                e => {
-                    tracing::warn!(topic, error = %e, "delivery failed; sending again");
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = self.abandon.cancelled() => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+        let mut one = self.deliveries();
+        one.send(topic, key, payload, headers).await?;
+        one.finish().await
     }
 
     /// Publishes a refused input: its bytes and key to the DLQ with headers
@@ -223,47 +245,157 @@ impl Publisher {
     }
 }
 
-/// Result deliveries in flight for one batch.
+/// How long a failed delivery waits before it is sent again, at first; it
+/// doubles up to [`MAX_BACKOFF`] while deliveries keep failing.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Deliveries in flight for one batch (or one refused input).
 pub struct Deliveries<'a> {
     publisher: &'a Publisher,
-    pending: FuturesUnordered<BoxFuture<'a, Result<(), PublishError>>>,
+    pending: Arc<Pending>,
+    backoff: Duration,
 }
 
-impl<'a> Deliveries<'a> {
+impl Deliveries<'_> {
     /// Queues a result keyed by `custom_id`, first waiting for room among
     /// the process's deliveries in flight.
-    pub async fn push(&mut self, custom_id: String, payload: Vec<u8>) -> Result<(), PublishError> {
-        let permit = loop {
-            // Finished deliveries of this batch free their permits and
-            // surface errors while waiting.
-            tokio::select! {
-                permit = self.publisher.inflight.clone().acquire_owned() => {
-                    break permit.expect("the delivery semaphore is never closed");
-                }
-                Some(r) = self.pending.next(), if !self.pending.is_empty() => r?,
+    pub async fn push(&mut self, custom_id: &str, payload: &[u8]) -> Result<(), PublishError> {
+        let topic = &self.publisher.results_topic;
+        self.send(topic, Some(custom_id.as_bytes()), Some(payload), None)
+            .await
+    }
+
+    /// Waits until every queued delivery is confirmed, sending failed ones
+    /// again.
+    pub async fn finish(mut self) -> Result<(), PublishError> {
+        loop {
+            self.resend_failed().await?;
+            if self.pending.in_flight.load(Ordering::Acquire) == 0
+                && !self.pending.any_failed.load(Ordering::Acquire)
+            {
+                return Ok(());
             }
+            // A report that came since the check left a permit in `changed`.
+            tokio::select! {
+                () = self.pending.changed.notified() => {}
+                () = self.publisher.abandon.cancelled() => {
+                    return Err(PublishError::Abandoned {
+                        topic: self.publisher.results_topic.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Sends what failed so far again, then queues this message.
+    async fn send(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) -> Result<(), PublishError> {
+        if self.pending.any_failed.load(Ordering::Acquire) {
+            self.resend_failed().await?;
+        }
+        self.queue(topic, key, payload, headers).await
+    }
+
+    /// Hands one message to the producer once there is room for it.
+    async fn queue(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) -> Result<(), PublishError> {
+        let abandoned = || PublishError::Abandoned {
+            topic: topic.into(),
         };
-        let publisher = self.publisher;
-        self.pending.push(Box::pin(async move {
-            let delivered = publisher
-                .deliver(
-                    &publisher.results_topic,
-                    Some(custom_id.as_bytes()),
-                    Some(&payload),
-                    None,
-                )
-                .await;
-            drop(permit);
-            delivered
-        }));
+        let inflight = &self.publisher.inflight;
+        match inflight.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(_) => tokio::select! {
+                permit = inflight.acquire() => {
+                    permit.expect("the delivery semaphore is never closed").forget();
+                }
+                () = self.publisher.abandon.cancelled() => return Err(abandoned()),
+            },
+        }
+        // Given back by the delivery callback, or below if nothing was queued.
+        loop {
+            if self.publisher.abandon.is_cancelled() {
+                inflight.add_permits(1);
+                return Err(abandoned());
+            }
+            let mut record = BaseRecord::with_opaque_to(topic, self.pending.clone());
+            if let Some(k) = key {
+                record = record.key(k);
+            }
+            if let Some(p) = payload {
+                record = record.payload(p);
+            }
+            if let Some(h) = &headers {
+                record = record.headers(h.clone());
+            }
+            self.pending.in_flight.fetch_add(1, Ordering::AcqRel);
+            let error = match self.publisher.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((e, _)) => e,
+            };
+            self.pending.in_flight.fetch_sub(1, Ordering::AcqRel);
+            match error {
+                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                    inflight.add_permits(1);
+                    return Err(PublishError::TooLarge {
+                        topic: topic.into(),
+                        size: payload.map_or(0, <[u8]>::len),
+                    });
+                }
+                e => {
+                    tracing::warn!(topic, error = %e, "delivery failed; sending again");
+                    self.wait_backoff().await;
+                }
+            }
+        }
+    }
+
+    /// Sends again what the broker refused, after a backoff.
+    async fn resend_failed(&mut self) -> Result<(), PublishError> {
+        if !self.pending.any_failed.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let failed =
+            std::mem::take(&mut *self.pending.failed.lock().expect("failed deliveries lock"));
+        if failed.is_empty() {
+            return Ok(());
+        }
+        for f in &failed {
+            if let KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge) = f.error {
+                return Err(PublishError::TooLarge {
+                    topic: f.topic.clone(),
+                    size: f.payload.as_ref().map_or(0, Vec::len),
+                });
+            }
+        }
+        tracing::warn!(topic = %failed[0].topic, messages = failed.len(), error = %failed[0].error, "delivery failed; sending again");
+        self.wait_backoff().await;
+        for f in failed {
+            self.queue(&f.topic, f.key.as_deref(), f.payload.as_deref(), f.headers)
+                .await?;
+        }
         Ok(())
     }
 
-    /// Waits for every queued delivery.
-    pub async fn finish(mut self) -> Result<(), PublishError> {
-        while let Some(r) = self.pending.next().await {
-            r?;
+    async fn wait_backoff(&mut self) {
+        tokio::select! {
+            _ = tokio::time::sleep(self.backoff) => {}
+            _ = self.publisher.abandon.cancelled() => {}
         }
-        Ok(())
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 }
