@@ -43,6 +43,9 @@ pub struct BenchOptions {
     pub body_bytes: usize,
     /// batchline's `window.max_wait` in the throughput run.
     pub max_wait: Duration,
+    /// `compression.type` of the producer that writes the input, in both
+    /// runs (the producers stand in for other services' machines).
+    pub compression: String,
     /// Give up on a phase after this long.
     pub timeout: Duration,
 }
@@ -190,16 +193,12 @@ pub fn request_message(i: usize, body_bytes: usize) -> (String, String) {
     (id, value)
 }
 
-async fn produce_requests(
-    brokers: &str,
-    topic: &str,
-    n: usize,
-    body_bytes: usize,
-) -> Result<(), BenchError> {
+async fn produce_requests(opts: &BenchOptions, topic: &str, n: usize) -> Result<(), BenchError> {
+    let (brokers, body_bytes) = (opts.brokers.as_str(), opts.body_bytes);
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "10")
-        .set("compression.type", "zstd")
+        .set("compression.type", &opts.compression)
         .set("queue.buffering.max.kbytes", "262144")
         .create()?;
     let mut pending = FuturesUnordered::new();
@@ -449,7 +448,7 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
         opts.body_bytes
     );
     let producing = Instant::now();
-    produce_requests(&opts.brokers, &pass_in, n, opts.body_bytes).await?;
+    produce_requests(opts, &pass_in, n).await?;
     let produce = producing.elapsed();
     eprintln!(
         "passthrough: produced in {produce:.2?} ({:.0}/s)",
@@ -483,7 +482,7 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
     let timeout = opts.timeout;
     let waiter =
         tokio::task::spawn_blocking(move || await_results(&brokers, &results_topic, n, timeout));
-    produce_requests(&opts.brokers, &req, n, opts.body_bytes).await?;
+    produce_requests(opts, &req, n).await?;
     waiter
         .await
         .map_err(|e| BenchError::Failed(e.to_string()))??;
@@ -495,7 +494,7 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
     let e2e_rate = n as f64 / e2e.as_secs_f64();
 
     let report = format!(
-        "requests:            {n} of ~{body} bytes over {parts} partitions, window.max_wait {wait:?}\n\
+        "requests:            {n} of ~{body} bytes over {parts} partitions, window.max_wait {wait:?}, input {codec}\n\
          passthrough ceiling: {pass_rate:>10.0} msg/s ({pass:.2?})\n\
          batchline e2e:       {e2e_rate:>10.0} req/s ({e2e:.2?}, first produce to last result)\n\
          ratio:               {ratio:>10.2}x of the ceiling\n\
@@ -505,6 +504,7 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
         body = opts.body_bytes,
         parts = opts.partitions,
         wait = opts.max_wait,
+        codec = opts.compression,
         ratio = e2e_rate / pass_rate,
         idle = mb(idle.rss_bytes),
         peak = mb(stats.peak_rss_bytes),
@@ -554,7 +554,7 @@ async fn hold_once(opts: &BenchOptions, n: usize) -> Result<ProcStats, BenchErro
     let req = format!("bench-req-{id}");
     create_topics(&opts.brokers, &[&req], opts.partitions).await?;
     eprintln!("hold: producing {n} requests");
-    produce_requests(&opts.brokers, &req, n, opts.body_bytes).await?;
+    produce_requests(opts, &req, n).await?;
     let (sim_addr, sim_stop) = start_sim(SimConfig {
         batch_duration: Duration::from_secs(24 * 3600),
         ..SimConfig::default()

@@ -394,6 +394,8 @@ struct Collection<'a> {
     seen: Vec<bool>,
     deliveries: Deliveries<'a>,
     collected: Collected,
+    /// The result being published, serialised (the producer copies it).
+    payload: Vec<u8>,
 }
 
 impl<'a> Collection<'a> {
@@ -474,7 +476,7 @@ impl<'a> Collection<'a> {
             timings,
             truncated: false,
         };
-        let payload = record.to_bytes(self.ctx.publisher.max_bytes());
+        record.write_to(&mut self.payload, self.ctx.publisher.max_bytes());
         *self.collected.by_status.entry(status).or_default() += 1;
         if let Some(u) = &summary.usage {
             self.collected.input_tokens += u.input_tokens;
@@ -485,7 +487,7 @@ impl<'a> Collection<'a> {
             let now = chrono::Utc::now().timestamp_millis();
             self.ctx.metrics.result_latency((now - ts) as f64 / 1000.0);
         }
-        self.deliveries.push(&meta.custom_id, &payload).await?;
+        self.deliveries.push(&meta.custom_id, &self.payload).await?;
         let published: u64 = self.collected.by_status.values().sum();
         if published + self.collected.retry.len() as u64 == (self.batch.len() as u64).div_ceil(2) {
             crate::crash_point!("mid_publish");
@@ -657,6 +659,7 @@ pub async fn collect(
         meta,
         seen: vec![false; batch.len()],
         deliveries: ctx.publisher.deliveries(),
+        payload: Vec::new(),
         collected: Collected::default(),
     };
     let result = c.run(&paths).await;
@@ -698,6 +701,7 @@ pub async fn fail_all(
         meta,
         seen: vec![false; batch.len()],
         deliveries: ctx.publisher.deliveries(),
+        payload: Vec::new(),
         collected: Collected::default(),
     };
     for i in 0..batch.len() {

@@ -652,7 +652,8 @@ impl Ingest {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.partition.eof", "false")
-            // Prefetch is per partition: keep memory flat with many partitions.
+            // Prefetched input, over all assigned partitions (the group
+            // consumer has one queue): bounded whatever the partition count.
             .set("queued.max.messages.kbytes", "8192")
             // Once a partition's queue is over that cap, librdkafka waits
             // this long before fetching it again (default 1 s): with the
@@ -868,6 +869,7 @@ impl Ingest {
                         offset,
                         timestamp_ms,
                         retry,
+                        output_cap: d.output_cap,
                     };
                     match self
                         .packer
@@ -948,6 +950,7 @@ impl Ingest {
                     offset,
                     timestamp_ms: m.timestamp().to_millis(),
                     retry: (b.record.attempt, b.record.requeues),
+                    output_cap: d.output_cap,
                 };
                 window.add(&req).map_err(IngestError::Pack)?;
                 self.backlog.hold(1, 0);

@@ -107,6 +107,10 @@ struct BenchArgs {
     /// of each route waits this long for more requests before it is sent.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     max_wait: Duration,
+    /// Compression of the benchmark's input producer (none, gzip, snappy,
+    /// lz4, zstd), the same in both runs. batchline's results are zstd.
+    #[arg(long, default_value = "zstd")]
+    compression: String,
     /// Give up on a phase after this long.
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -270,6 +274,7 @@ async fn main() -> anyhow::Result<()> {
                 partitions: args.partitions,
                 body_bytes: args.body_bytes,
                 max_wait: args.max_wait,
+                compression: args.compression,
                 timeout: args.timeout,
             };
             let report = match args.mode.as_str() {

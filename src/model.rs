@@ -99,12 +99,59 @@ struct Envelope<'a> {
     metadata: Option<&'a RawValue>,
 }
 
+/// What batchline reads of a request body, in the one pass that checks it.
 #[derive(Debug, Deserialize)]
 struct BodyFields<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
+    // Output caps, for the daily budget's estimate. Raw, so that a cap of
+    // the wrong type is ignored rather than refusing the request (the
+    // provider judges its own parameters).
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_output_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    n: Option<&'a RawValue>,
+}
+
+impl BodyFields<'_> {
+    fn output_cap(&self) -> OutputCap {
+        let int = |v: Option<&RawValue>| v.and_then(|r| r.get().parse::<u64>().ok());
+        OutputCap {
+            tokens: int(self.max_completion_tokens)
+                .or(int(self.max_output_tokens))
+                .or(int(self.max_tokens)),
+            choices: int(self.n).unwrap_or(1).max(1),
+        }
+    }
+}
+
+/// The output tokens a request may produce at most, as its body caps them:
+/// `max_completion_tokens`, `max_output_tokens` or `max_tokens` (the first
+/// set), for each of its `n` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputCap {
+    /// `None` when the body sets no cap.
+    pub tokens: Option<u64>,
+    pub choices: u64,
+}
+
+impl OutputCap {
+    /// The cap of a request body already accepted by [`decode_request`].
+    pub fn of_body(body: &RawValue) -> OutputCap {
+        serde_json::from_str::<BodyFields<'_>>(body.get()).map_or(
+            OutputCap {
+                tokens: None,
+                choices: 1,
+            },
+            |f| f.output_cap(),
+        )
+    }
 }
 
 /// A well-formed input message, still borrowing from the Kafka message.
@@ -119,6 +166,7 @@ pub struct Decoded<'a> {
     pub body: &'a RawValue,
     /// `metadata`, verbatim; `None` when absent or null.
     pub metadata: Option<&'a RawValue>,
+    pub output_cap: OutputCap,
 }
 
 /// Decodes an input message's value. Routing checks (provider known,
@@ -221,6 +269,7 @@ pub fn decode_request<'a>(
             "body must be a JSON object (the provider's request body)".into(),
         )
     })?;
+    let output_cap = fields.output_cap();
     let model = match fields.model {
         Some(m) if !m.trim().is_empty() => m,
         _ => {
@@ -244,6 +293,7 @@ pub fn decode_request<'a>(
         model,
         body,
         metadata,
+        output_cap,
     })
 }
 
@@ -347,13 +397,23 @@ impl ResultRecord<'_> {
     /// Serialises the record, dropping `response` (and flagging `truncated`)
     /// when the whole record would exceed `max_bytes`.
     pub fn to_bytes(&mut self, max_bytes: usize) -> Vec<u8> {
-        let bytes = serde_json::to_vec(self).expect("result records always serialise");
-        if bytes.len() <= max_bytes || self.response.is_none() {
-            return bytes;
+        let mut bytes = Vec::new();
+        self.write_to(&mut bytes, max_bytes);
+        bytes
+    }
+
+    /// [`Self::to_bytes`] into `buf` (cleared first), so that one buffer
+    /// serves every result of a batch.
+    pub fn write_to(&mut self, buf: &mut Vec<u8>, max_bytes: usize) {
+        buf.clear();
+        serde_json::to_writer(&mut *buf, self).expect("result records always serialise");
+        if buf.len() <= max_bytes || self.response.is_none() {
+            return;
         }
         self.response = None;
         self.truncated = true;
-        serde_json::to_vec(self).expect("result records always serialise")
+        buf.clear();
+        serde_json::to_writer(&mut *buf, self).expect("result records always serialise");
     }
 }
 
@@ -386,6 +446,47 @@ mod tests {
         assert_eq!(d.model, "gpt-4o-mini");
         assert!(d.body.get().starts_with(r#"{"model":"gpt-4o-mini""#));
         assert_eq!(d.metadata.unwrap().get(), r#"{"tenant":"acme"}"#);
+    }
+
+    #[test]
+    fn decoding_reads_the_output_cap_and_ignores_caps_of_the_wrong_type() {
+        let cap = |body: &str| {
+            let v = format!(r#"{{"custom_id":"t-1","body":{body}}}"#);
+            decode(&v).map(|d| d.output_cap).map_err(|r| r.message)
+        };
+        let capped = |tokens, choices| {
+            Ok(OutputCap {
+                tokens: Some(tokens),
+                choices,
+            })
+        };
+        assert_eq!(
+            cap(r#"{"model":"m","max_tokens":100,"n":3}"#),
+            capped(100, 3)
+        );
+        // max_completion_tokens first, then max_output_tokens, then max_tokens.
+        assert_eq!(
+            cap(r#"{"model":"m","max_tokens":9,"max_completion_tokens":50}"#),
+            capped(50, 1)
+        );
+        assert_eq!(
+            cap(r#"{"model":"m","max_tokens":9,"max_output_tokens":7}"#),
+            capped(7, 1)
+        );
+        let uncapped = Ok(OutputCap {
+            tokens: None,
+            choices: 1,
+        });
+        assert_eq!(cap(r#"{"model":"m"}"#), uncapped);
+        assert_eq!(cap(r#"{"model":"m","max_tokens":"many","n":0}"#), uncapped);
+        assert_eq!(cap(r#"{"model":"m","max_tokens":-1,"n":null}"#), uncapped);
+        assert_eq!(
+            OutputCap::of_body(&RawValue::from_string(r#"{"max_tokens":4,"n":2}"#.into()).unwrap()),
+            OutputCap {
+                tokens: Some(4),
+                choices: 2
+            }
+        );
     }
 
     #[test]

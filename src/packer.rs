@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::config::{ProviderKind, RouteLimits};
+use crate::model::OutputCap;
 
 /// Where a request goes: a provider, a model and an endpoint. Requests of
 /// one route share a batch.
@@ -49,6 +50,8 @@ pub struct PackRequest<'a> {
     /// `(1, 0)`, unless the journal released it to a retry. Requests of
     /// different attempts never share a window.
     pub retry: (u32, u32),
+    /// What the body caps its output at (read when it was decoded).
+    pub output_cap: OutputCap,
 }
 
 /// What the side file keeps of each request for its result.
@@ -80,29 +83,14 @@ pub struct OutputCaps {
 }
 
 impl OutputCaps {
-    /// Adds one request of `endpoint`: its `max_tokens`,
-    /// `max_completion_tokens` or `max_output_tokens`, times `n`.
-    /// Embeddings produce no output tokens.
-    fn add(&mut self, endpoint: &str, body: &RawValue) {
-        #[derive(Deserialize)]
-        struct Caps {
-            max_tokens: Option<u64>,
-            max_completion_tokens: Option<u64>,
-            max_output_tokens: Option<u64>,
-            n: Option<u64>,
-        }
+    /// Adds one request of `endpoint`. Embeddings produce no output tokens.
+    fn add(&mut self, endpoint: &str, cap: OutputCap) {
         if endpoint.ends_with("/embeddings") {
             return;
         }
-        let caps: Option<Caps> = serde_json::from_str(body.get()).ok();
-        let choices = caps.as_ref().and_then(|c| c.n).unwrap_or(1).max(1);
-        match caps.and_then(|c| {
-            c.max_completion_tokens
-                .or(c.max_output_tokens)
-                .or(c.max_tokens)
-        }) {
-            Some(cap) => self.tokens += cap.saturating_mul(choices),
-            None => self.uncapped += choices,
+        match cap.tokens {
+            Some(tokens) => self.tokens += tokens.saturating_mul(cap.choices),
+            None => self.uncapped += cap.choices,
         }
     }
 }
@@ -237,6 +225,7 @@ impl SealedBatch {
                 offset: meta.offset,
                 timestamp_ms: meta.timestamp_ms,
                 retry: (attempt, requeues),
+                output_cap: OutputCap::of_body(body),
             };
             w.write(&req, &line)?;
         }
@@ -353,7 +342,7 @@ impl Window {
             .write_all(&meta_line)
             .map_err(io_err(&self.meta_path))?;
         self.input_bytes += line.len() as u64;
-        self.output_caps.add(self.route.endpoint, req.body);
+        self.output_caps.add(self.route.endpoint, req.output_cap);
         let end = self.meta_pos.last().copied().unwrap_or(0) + meta_line.len() as u64;
         self.meta_pos.push(end);
         self.index
@@ -649,6 +638,7 @@ mod tests {
             offset,
             timestamp_ms: Some(1_700_000_000_000),
             retry: (1, 0),
+            output_cap: OutputCap::of_body(body),
         }
     }
 
@@ -766,7 +756,8 @@ mod tests {
     fn output_caps_sum_each_requests_cap_times_n() {
         let mut caps = OutputCaps::default();
         let add = |caps: &mut OutputCaps, endpoint: &str, body: &str| {
-            caps.add(endpoint, &RawValue::from_string(body.to_owned()).unwrap());
+            let body = RawValue::from_string(body.to_owned()).unwrap();
+            caps.add(endpoint, OutputCap::of_body(&body));
         };
         add(
             &mut caps,

@@ -681,6 +681,35 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 /// `len` random lowercase hex digits.
+/// The XXH3 hash of `value`'s compact JSON (the bytes of
+/// `value.to_string()`), written straight into the hasher: simulated ids and
+/// replies derive from the request without a copy of it per line.
+fn json_hasher(value: &serde_json::Value, seed: u64) -> xxhash_rust::xxh3::Xxh3 {
+    struct Hashing(xxhash_rust::xxh3::Xxh3);
+    impl Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hashing = Hashing(xxhash_rust::xxh3::Xxh3::with_seed(seed));
+    serde_json::to_writer(&mut hashing, value).expect("a hasher takes every write");
+    hashing.0
+}
+
+/// 64-bit [`json_hasher`] digest.
+pub(crate) fn json_digest64(value: &serde_json::Value, seed: u64) -> u64 {
+    json_hasher(value, seed).digest()
+}
+
+/// 128-bit [`json_hasher`] digest.
+pub(crate) fn json_digest128(value: &serde_json::Value, seed: u64) -> u128 {
+    json_hasher(value, seed).digest128()
+}
+
 pub(crate) fn random_hex(len: usize) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut rng = rand::rng();
@@ -701,6 +730,26 @@ pub(crate) fn random_base62(len: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_digests_are_those_of_the_serialised_value() {
+        use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64_with_seed};
+        // Short, mid and long inputs take different paths through XXH3.
+        for len in [0, 10, 200, 300, 1_000, 5_000] {
+            let value = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "é\"x ".repeat(len)}], "n": len});
+            let text = value.to_string();
+            for seed in [0, 1_700_000_000] {
+                assert_eq!(
+                    json_digest64(&value, seed),
+                    xxh3_64_with_seed(text.as_bytes(), seed)
+                );
+                assert_eq!(
+                    json_digest128(&value, seed),
+                    xxh3_128_with_seed(text.as_bytes(), seed)
+                );
+            }
+        }
+    }
 
     #[test]
     fn retry_after_rounds_up_to_whole_seconds() {

@@ -6,7 +6,7 @@
 //! simulator uses. Nothing here does I/O or reads a clock.
 
 use serde_json::{json, Map, Value};
-use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64_with_seed};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// How many words of the last user message a chat reply quotes.
 const QUOTED_WORDS: usize = 8;
@@ -71,7 +71,7 @@ pub fn chat_reply(body: &Value) -> (String, &'static str) {
         .iter()
         .find_map(|key| body.get(*key))
         .unwrap_or(&Value::Null);
-    let digest = xxh3_64_with_seed(conversation.to_string().as_bytes(), 0);
+    let digest = crate::sim::json_digest64(conversation, 0);
     let quoted = last_user_text(body)
         .map(|text| {
             text.split_whitespace()
@@ -490,7 +490,7 @@ fn round_to(x: f64, scale: f64) -> f64 {
 
 /// A stable id: `prefix` plus the hash of the request and its batch time.
 fn deterministic_id(prefix: &str, body: &Value, created: i64) -> String {
-    let digest = xxh3_128_with_seed(body.to_string().as_bytes(), created as u64);
+    let digest = crate::sim::json_digest128(body, created as u64);
     format!("{prefix}{digest:032x}")
 }
 

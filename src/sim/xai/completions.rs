@@ -9,7 +9,7 @@
 //! Nothing here does I/O or reads a clock.
 
 use serde_json::{json, Value};
-use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64_with_seed};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::sim::openai::{injected_error_status, response_body};
 
@@ -151,7 +151,7 @@ pub fn error_detail(custom_id: &str, seed: u64) -> Value {
 
 /// A stable UUID-shaped id from the request and its batch time.
 fn uuid_of(body: &Value, created: i64) -> String {
-    let digest = xxh3_128_with_seed(body.to_string().as_bytes(), created as u64);
+    let digest = crate::sim::json_digest128(body, created as u64);
     uuid::Builder::from_random_bytes(digest.to_be_bytes())
         .into_uuid()
         .to_string()
