@@ -404,7 +404,7 @@ impl<'a> Collection<'a> {
         move |source| CollectError::Io { path, source }
     }
 
-    fn timings(&self, meta: &RequestMeta) -> Timings {
+    fn timings(&self, meta: &RequestMeta<'_>) -> Timings {
         Timings {
             received_at: meta.timestamp_ms.and_then(rfc3339_millis),
             submitted_at: self.pb.created_at.and_then(rfc3339_secs),
@@ -416,7 +416,7 @@ impl<'a> Collection<'a> {
     async fn publish(
         &mut self,
         i: usize,
-        meta: &RequestMeta,
+        meta: &RequestMeta<'_>,
         outcome: LineResult,
     ) -> Result<(), CollectError> {
         if self.batch.attempt < self.ctx.max_attempts && retryable(&outcome) {
@@ -430,7 +430,7 @@ impl<'a> Collection<'a> {
     /// Publishes a terminal result.
     async fn publish_final(
         &mut self,
-        meta: &RequestMeta,
+        meta: &RequestMeta<'_>,
         outcome: LineResult,
     ) -> Result<(), CollectError> {
         let route = &self.batch.route;
@@ -471,7 +471,7 @@ impl<'a> Collection<'a> {
             usage: summary.usage,
             cost_usd: cost,
             error,
-            metadata: meta.metadata.as_deref(),
+            metadata: meta.metadata,
             source,
             timings,
             truncated: false,
@@ -509,6 +509,7 @@ impl<'a> Collection<'a> {
             .await
             .map_err(self.io_err(path))?;
         let mut lines = tokio::io::BufReader::with_capacity(256 * 1024, file).lines();
+        let mut meta_buf = Vec::new();
         while let Some(line) = lines.next_line().await.map_err(self.io_err(path))? {
             if line.trim().is_empty() {
                 continue;
@@ -526,7 +527,7 @@ impl<'a> Collection<'a> {
             };
             let meta = self
                 .batch
-                .read_meta(&self.meta, i)
+                .read_meta(&self.meta, i, &mut meta_buf)
                 .map_err(self.io_err(&self.batch.meta_path))?;
             if meta.custom_id != outcome.custom_id {
                 tracing::warn!(batch = %self.batch.id, custom_id = %outcome.custom_id, "result for a custom_id not in the batch");
@@ -577,6 +578,7 @@ impl<'a> Collection<'a> {
             && named
                 .keys()
                 .any(|&l| l >= 1 && l <= self.seen.len() as u64 && !self.seen[l as usize - 1]);
+        let mut meta_buf = Vec::new();
         for i in 0..self.seen.len() {
             if self.seen[i] {
                 continue;
@@ -588,7 +590,7 @@ impl<'a> Collection<'a> {
             }
             let meta = self
                 .batch
-                .read_meta(&self.meta, i)
+                .read_meta(&self.meta, i, &mut meta_buf)
                 .map_err(self.io_err(&self.batch.meta_path))?;
             let error = match (self.pb.state, named.get(&(i as u64 + 1)), &whole_batch) {
                 (BatchState::Failed, Some(e), _) => {
@@ -704,9 +706,10 @@ pub async fn fail_all(
         payload: Vec::new(),
         collected: Collected::default(),
     };
+    let mut meta_buf = Vec::new();
     for i in 0..batch.len() {
         let meta = batch
-            .read_meta(&c.meta, i)
+            .read_meta(&c.meta, i, &mut meta_buf)
             .map_err(|source| CollectError::Io {
                 path: batch.meta_path.display().to_string(),
                 source,

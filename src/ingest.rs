@@ -7,7 +7,8 @@
 //! never stops the loop: it becomes a dead letter and a `rejected` result.
 //! When too much work is held, partitions are paused, not the loop.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -88,7 +89,14 @@ struct RouteTarget {
 pub struct Router {
     targets: BTreeMap<String, RouteTarget>,
     default: Option<String>,
+    /// Model names seen, shared by every route naming them, so that routing
+    /// a request allocates nothing. Bounded: names come from the input.
+    models: RefCell<HashSet<Arc<str>>>,
 }
+
+/// How many distinct model names [`Router`] keeps; past it, each request
+/// naming another one gets its own copy.
+const MAX_INTERNED_MODELS: usize = 1024;
 
 impl Router {
     pub fn new(cfg: &Config) -> Router {
@@ -116,6 +124,7 @@ impl Router {
         Router {
             targets,
             default: cfg.routing.default_provider.clone(),
+            models: RefCell::new(HashSet::new()),
         }
     }
 
@@ -167,10 +176,22 @@ impl Router {
         let route = Route {
             provider: target.name.clone(),
             kind: target.kind,
-            model: model.into(),
+            model: self.model(model),
             endpoint,
         };
         Ok((route, target.limits))
+    }
+
+    fn model(&self, model: &str) -> Arc<str> {
+        let mut models = self.models.borrow_mut();
+        if let Some(m) = models.get(model) {
+            return m.clone();
+        }
+        let m: Arc<str> = model.into();
+        if models.len() < MAX_INTERNED_MODELS {
+            models.insert(m.clone());
+        }
+        m
     }
 
     /// Providers whose requests are refused, with the reason.

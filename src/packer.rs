@@ -7,6 +7,7 @@
 //! `custom_id`. Bodies and metadata live on disk. The packer is a plain
 //! synchronous struct that takes `now` as an argument.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -54,13 +55,16 @@ pub struct PackRequest<'a> {
     pub output_cap: OutputCap,
 }
 
-/// What the side file keeps of each request for its result.
+/// What the side file keeps of each request for its result, borrowed from
+/// the request as it is written and from the line as it is read back.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct RequestMeta {
-    pub custom_id: String,
+pub struct RequestMeta<'a> {
+    #[serde(borrow)]
+    pub custom_id: Cow<'a, str>,
     pub offset: i64,
     pub timestamp_ms: Option<i64>,
-    pub metadata: Option<Box<RawValue>>,
+    #[serde(borrow)]
+    pub metadata: Option<&'a RawValue>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,13 +157,20 @@ impl SealedBatch {
         File::open(&self.meta_path)
     }
 
-    /// Reads request `i`'s metadata with a positioned read.
-    pub fn read_meta(&self, file: &File, i: usize) -> io::Result<RequestMeta> {
+    /// Reads request `i`'s metadata with a positioned read into `buf`, which
+    /// the result borrows (one buffer serves a whole batch).
+    pub fn read_meta<'b>(
+        &self,
+        file: &File,
+        i: usize,
+        buf: &'b mut Vec<u8>,
+    ) -> io::Result<RequestMeta<'b>> {
         let start = self.meta_pos[i];
         let len = (self.meta_pos[i + 1] - start) as usize;
-        let mut buf = vec![0; len];
-        file.read_exact_at(&mut buf, start)?;
-        serde_json::from_slice(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        buf.clear();
+        buf.resize(len, 0);
+        file.read_exact_at(buf, start)?;
+        serde_json::from_slice(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     /// A new batch of the same partition and route, under a new id, holding
@@ -194,6 +205,7 @@ impl SealedBatch {
         let meta_file = self.open_meta().map_err(io_err(&self.meta_path))?;
         let mut lines = io::BufReader::with_capacity(64 * 1024, input);
         let mut line = Vec::new();
+        let mut meta_buf = Vec::new();
         let mut picks = picks.to_vec();
         picks.sort_unstable();
         picks.dedup();
@@ -208,7 +220,7 @@ impl SealedBatch {
             }
             next.next();
             let meta = self
-                .read_meta(&meta_file, i as usize)
+                .read_meta(&meta_file, i as usize, &mut meta_buf)
                 .map_err(io_err(&self.meta_path))?;
             let parsed: Line<'_> = serde_json::from_slice(&line).map_err(|e| PackError::Io {
                 path: self.input_path.clone(),
@@ -221,7 +233,7 @@ impl SealedBatch {
             let req = PackRequest {
                 custom_id: &meta.custom_id,
                 body,
-                metadata: meta.metadata.as_deref(),
+                metadata: meta.metadata,
                 offset: meta.offset,
                 timestamp_ms: meta.timestamp_ms,
                 retry: (attempt, requeues),
@@ -258,6 +270,8 @@ struct Window {
     index: HashMap<u64, u32>,
     /// Attempt and requeues of every request in it.
     retry: (u32, u32),
+    /// The metadata line being written, reused for every request.
+    meta_line: Vec<u8>,
 }
 
 impl Window {
@@ -311,6 +325,7 @@ impl Window {
             meta_pos: vec![0],
             index: HashMap::new(),
             retry: (1, 0),
+            meta_line: Vec::new(),
         })
     }
 
@@ -331,15 +346,17 @@ impl Window {
             .write_all(line)
             .map_err(io_err(&self.input_path))?;
         let meta = RequestMeta {
-            custom_id: req.custom_id.to_owned(),
+            custom_id: Cow::Borrowed(req.custom_id),
             offset: req.offset,
             timestamp_ms: req.timestamp_ms,
-            metadata: req.metadata.map(|m| m.to_owned()),
+            metadata: req.metadata,
         };
-        let mut meta_line = serde_json::to_vec(&meta).expect("metadata serialises");
+        let meta_line = &mut self.meta_line;
+        meta_line.clear();
+        serde_json::to_writer(&mut *meta_line, &meta).expect("metadata serialises");
         meta_line.push(b'\n');
         self.meta
-            .write_all(&meta_line)
+            .write_all(meta_line)
             .map_err(io_err(&self.meta_path))?;
         self.input_bytes += line.len() as u64;
         self.output_caps.add(self.route.endpoint, req.output_cap);
@@ -396,10 +413,24 @@ pub fn encode_line(
     custom_id: &str,
     body: &RawValue,
 ) -> Vec<u8> {
+    let mut line = Vec::new();
+    encode_line_into(&mut line, kind, endpoint, custom_id, body);
+    line
+}
+
+/// [`encode_line`] into `line`, cleared first.
+fn encode_line_into(
+    line: &mut Vec<u8>,
+    kind: ProviderKind,
+    endpoint: &str,
+    custom_id: &str,
+    body: &RawValue,
+) {
     // custom_id is [A-Za-z0-9_-] and endpoint one of a fixed list: neither
     // needs JSON escaping; the body is copied verbatim.
     let body = body.get();
-    let mut line = Vec::with_capacity(body.len() + custom_id.len() + endpoint.len() + 64);
+    line.clear();
+    line.reserve(body.len() + custom_id.len() + endpoint.len() + 64);
     line.extend_from_slice(b"{\"custom_id\":\"");
     line.extend_from_slice(custom_id.as_bytes());
     match kind {
@@ -421,7 +452,6 @@ pub fn encode_line(
         }
     }
     line.extend_from_slice(b"}\n");
-    line
 }
 
 /// A batch known from the journal, filled again from the input topic by
@@ -473,6 +503,8 @@ pub struct Packer {
     dir: PathBuf,
     topic: Arc<str>,
     windows: Vec<Window>,
+    /// The batch line being added, reused for every request.
+    line: Vec<u8>,
 }
 
 /// Requests and bytes held in open windows, for backpressure.
@@ -490,6 +522,7 @@ impl Packer {
             dir,
             topic: topic.into(),
             windows: Vec::new(),
+            line: Vec::new(),
         })
     }
 
@@ -505,8 +538,14 @@ impl Packer {
         req: &PackRequest<'_>,
         now: Instant,
     ) -> Result<Vec<SealedBatch>, PackError> {
-        let line = encode_line(route.kind, route.endpoint, req.custom_id, req.body);
-        let size = line.len() as u64;
+        encode_line_into(
+            &mut self.line,
+            route.kind,
+            route.endpoint,
+            req.custom_id,
+            req.body,
+        );
+        let size = self.line.len() as u64;
         if size > limits.max_bytes {
             return Err(PackError::TooLarge {
                 size,
@@ -536,7 +575,7 @@ impl Packer {
                 self.windows.len() - 1
             }
         };
-        self.windows[i].write(req, &line)?;
+        self.windows[i].write(req, &self.line)?;
         if self.windows[i].is_full() {
             let full = self.windows.swap_remove(i);
             sealed.push(full.seal(&self.topic)?);
@@ -667,9 +706,49 @@ mod tests {
         assert_eq!(first["body"]["model"], "m");
         let meta_file = batch.open_meta().unwrap();
         let i = batch.index_of("b").unwrap();
-        let meta = batch.read_meta(&meta_file, i).unwrap();
-        assert_eq!((meta.custom_id.as_str(), meta.offset), ("b", 1));
+        let mut buf = Vec::new();
+        let meta = batch.read_meta(&meta_file, i, &mut buf).unwrap();
+        assert_eq!((meta.custom_id.as_ref(), meta.offset), ("b", 1));
         assert_eq!(p.open_windows(), 0);
+    }
+
+    #[test]
+    fn metadata_is_read_back_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Packer::new(dir.path(), "in").unwrap();
+        let b = body();
+        let metadata =
+            RawValue::from_string(r#"{"tenant":"acme \"q\"","note":"é\n✓","n":[1,2]}"#.into())
+                .unwrap();
+        let mut with_meta = req("a", &b, 7);
+        with_meta.metadata = Some(&metadata);
+        p.add(
+            0,
+            &route("m"),
+            limits(2, 1 << 20),
+            &with_meta,
+            Instant::now(),
+        )
+        .unwrap();
+        let sealed = p
+            .add(
+                0,
+                &route("m"),
+                limits(2, 1 << 20),
+                &req("b", &b, 8),
+                Instant::now(),
+            )
+            .unwrap();
+        let batch = &sealed[0];
+        let file = batch.open_meta().unwrap();
+        let mut buf = Vec::new();
+        let a = batch.read_meta(&file, 0, &mut buf).unwrap();
+        assert_eq!((a.custom_id.as_ref(), a.offset), ("a", 7));
+        assert_eq!(a.timestamp_ms, Some(1_700_000_000_000));
+        assert_eq!(a.metadata.unwrap().get(), metadata.get());
+        let b = batch.read_meta(&file, 1, &mut buf).unwrap();
+        assert_eq!((b.custom_id.as_ref(), b.offset), ("b", 8));
+        assert!(b.metadata.is_none());
     }
 
     #[test]
@@ -839,7 +918,8 @@ mod tests {
         let meta = next.open_meta().unwrap();
         for (i, (id, n)) in [("b", 1), ("d", 3)].into_iter().enumerate() {
             assert_eq!(next.index_of(id), Some(i));
-            let m = next.read_meta(&meta, i).unwrap();
+            let mut buf = Vec::new();
+            let m = next.read_meta(&meta, i, &mut buf).unwrap();
             assert_eq!(m.custom_id, id);
             assert_eq!(m.metadata.unwrap().get(), format!(r#"{{"n":{n}}}"#));
         }

@@ -520,6 +520,7 @@ fn matches_custom_ids(
     use std::io::BufRead;
     let meta = batch.open_meta()?;
     let mut seen = vec![false; batch.len()];
+    let mut meta_buf = Vec::new();
     for path in paths {
         for line in std::io::BufReader::new(std::fs::File::open(path)?).lines() {
             let line = line?;
@@ -532,7 +533,7 @@ fn matches_custom_ids(
             let Some(i) = batch.index_of(&outcome.custom_id) else {
                 return Ok(false);
             };
-            if batch.read_meta(&meta, i)?.custom_id != outcome.custom_id
+            if batch.read_meta(&meta, i, &mut meta_buf)?.custom_id != outcome.custom_id
                 || std::mem::replace(&mut seen[i], true)
             {
                 return Ok(false);
