@@ -13,15 +13,18 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
 use crate::sim::SimConfig;
@@ -29,7 +32,7 @@ use crate::sim::SimConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(#[from] KafkaError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -193,40 +196,120 @@ pub fn request_message(i: usize, body_bytes: usize) -> (String, String) {
     (id, value)
 }
 
-async fn produce_requests(opts: &BenchOptions, topic: &str, n: usize) -> Result<(), BenchError> {
-    let (brokers, body_bytes) = (opts.brokers.as_str(), opts.body_bytes);
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "10")
-        .set("compression.type", &opts.compression)
-        .set("queue.buffering.max.kbytes", "262144")
-        .create()?;
-    let mut pending = FuturesUnordered::new();
-    for i in 0..n {
-        let (key, value) = request_message(i, body_bytes);
-        let producer = producer.clone();
-        let topic = topic.to_owned();
-        pending.push(async move {
-            producer
-                .send(
-                    FutureRecord::to(&topic).key(&key).payload(&value),
-                    Duration::from_secs(120),
-                )
-                .await
-                .map(drop)
-                .map_err(|(e, _)| e)
-        });
-        if pending.len() >= 20_000 {
-            if let Some(r) = pending.next().await {
-                r?;
+/// Delivery reports of a benchmark producer, counted in its callback: the
+/// same way batchline's results producer tracks its deliveries, so that
+/// neither side of the comparison pays for a future per message.
+#[derive(Default)]
+struct DeliveryCount {
+    delivered: AtomicUsize,
+    failed: Mutex<Option<KafkaError>>,
+}
+
+struct CountingContext(Arc<DeliveryCount>);
+
+impl ClientContext for CountingContext {}
+
+impl ProducerContext for CountingContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.0.delivered.fetch_add(1, Ordering::Release);
+            }
+            Err((e, _)) => {
+                self.0
+                    .failed
+                    .lock()
+                    .expect("delivery count lock")
+                    .get_or_insert(e.clone());
             }
         }
     }
-    while let Some(r) = pending.next().await {
-        r?;
+}
+
+/// A producer that counts its deliveries.
+struct CountingProducer {
+    producer: ThreadedProducer<CountingContext>,
+    count: Arc<DeliveryCount>,
+    sent: usize,
+}
+
+impl CountingProducer {
+    fn new(config: &ClientConfig) -> Result<Self, BenchError> {
+        let count = Arc::new(DeliveryCount::default());
+        let producer = config.create_with_context(CountingContext(count.clone()))?;
+        Ok(CountingProducer {
+            producer,
+            count,
+            sent: 0,
+        })
     }
-    producer.flush(Duration::from_secs(30))?;
-    Ok(())
+
+    /// Queues one message, waiting while librdkafka's queue is full.
+    async fn send(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> Result<(), BenchError> {
+        loop {
+            let record = BaseRecord::to(topic).key(key).payload(payload);
+            match self.producer.send(record) {
+                Ok(()) => {
+                    self.sent += 1;
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    self.check()?;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), BenchError> {
+        match self
+            .count
+            .failed
+            .lock()
+            .expect("delivery count lock")
+            .take()
+        {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the broker has every message sent, up to `timeout`.
+    async fn delivered(&self, timeout: Duration) -> Result<(), BenchError> {
+        let started = Instant::now();
+        while self.count.delivered.load(Ordering::Acquire) < self.sent {
+            self.check()?;
+            if started.elapsed() > timeout {
+                return Err(BenchError::Failed(format!(
+                    "{} of {} messages delivered after {timeout:?}",
+                    self.count.delivered.load(Ordering::Acquire),
+                    self.sent
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+}
+
+async fn produce_requests(opts: &BenchOptions, topic: &str, n: usize) -> Result<(), BenchError> {
+    let mut producer = CountingProducer::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", &opts.brokers)
+            .set("linger.ms", "10")
+            .set("compression.type", &opts.compression)
+            .set("queue.buffering.max.kbytes", "262144"),
+    )?;
+    for i in 0..n {
+        let (key, value) = request_message(i, opts.body_bytes);
+        producer
+            .send(topic, key.as_bytes(), value.as_bytes())
+            .await?;
+    }
+    producer.delivered(opts.timeout).await
 }
 
 /// Consumes `n` messages from `from` and produces them to `to`; returns
@@ -245,16 +328,16 @@ async fn passthrough(
         .set("enable.auto.commit", "false")
         .create()?;
     consumer.subscribe(&[from])?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "5")
-        .set("enable.idempotence", "true")
-        .set("compression.type", "zstd")
-        .set("queue.buffering.max.kbytes", "262144")
-        .create()?;
+    let mut producer = CountingProducer::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("linger.ms", "5")
+            .set("enable.idempotence", "true")
+            .set("compression.type", "zstd")
+            .set("queue.buffering.max.kbytes", "262144"),
+    )?;
     let started = Instant::now();
     let mut first: Option<Instant> = None;
-    let mut pending = FuturesUnordered::new();
     let mut consumed = 0;
     while consumed < n {
         if started.elapsed() > timeout {
@@ -266,25 +349,16 @@ async fn passthrough(
         let Some(m) = m else { continue };
         let m = m?;
         first.get_or_insert_with(Instant::now);
-        let record = FutureRecord::to(to)
-            .key(m.key().unwrap_or_default())
-            .payload(m.payload().unwrap_or_default());
-        match producer.send_result(record) {
-            Ok(d) => pending.push(d),
-            Err((e, _)) => return Err(e.into()),
-        }
+        producer
+            .send(
+                to,
+                m.key().unwrap_or_default(),
+                m.payload().unwrap_or_default(),
+            )
+            .await?;
         consumed += 1;
-        while pending.len() > 50_000 {
-            if let Some(r) = pending.next().await {
-                r.map_err(|_| BenchError::Failed("delivery canceled".into()))?
-                    .map_err(|(e, _)| e)?;
-            }
-        }
     }
-    while let Some(r) = pending.next().await {
-        r.map_err(|_| BenchError::Failed("delivery canceled".into()))?
-            .map_err(|(e, _)| e)?;
-    }
+    producer.delivered(timeout).await?;
     Ok(first.map_or(Duration::ZERO, |f| f.elapsed()))
 }
 
@@ -454,7 +528,11 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
         "passthrough: produced in {produce:.2?} ({:.0}/s)",
         n as f64 / produce.as_secs_f64()
     );
+    // The passthrough runs in this process, alone: its CPU is this
+    // process's over the run.
+    let cpu_before = proc_stats(std::process::id())?.cpu_seconds;
     let pass = passthrough(&opts.brokers, &pass_in, &pass_out, n, opts.timeout).await?;
+    let pass_cpu = proc_stats(std::process::id())?.cpu_seconds - cpu_before;
     let pass_rate = n as f64 / pass.as_secs_f64();
     eprintln!("passthrough: {n} in {pass:.2?} ({pass_rate:.0}/s)");
 
@@ -477,6 +555,7 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
         mb(idle.rss_bytes)
     );
     let started = Instant::now();
+    let harness_before = proc_stats(std::process::id())?.cpu_seconds;
     let brokers = opts.brokers.clone();
     let results_topic = format!("bench-res-{id}");
     let timeout = opts.timeout;
@@ -488,6 +567,7 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
         .map_err(|e| BenchError::Failed(e.to_string()))??;
     let e2e = started.elapsed();
     let stats = proc_stats(child.child.id())?;
+    let harness_cpu = proc_stats(std::process::id())?.cpu_seconds - harness_before;
     let _ = child.child.kill();
     let _ = child.child.wait();
     sim_stop.cancel();
@@ -500,7 +580,9 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
          ratio:               {ratio:>10.2}x of the ceiling\n\
          batchline idle RSS:  {idle:>10.1} MiB\n\
          batchline peak RSS:  {peak:>10.1} MiB\n\
-         batchline CPU:       {cpu:>10.3} s per 1,000 requests ({total:.1} s)\n",
+         batchline CPU:       {cpu:>10.3} s per 1,000 requests ({total:.1} s)\n\
+         passthrough CPU:     {pass_cpu_k:>10.3} s per 1,000 messages ({pass_cpu:.1} s, consumer and producer)\n\
+         harness CPU in e2e:  {harness_cpu:>10.1} s (input producer, simulator, results consumer; same cores)\n",
         body = opts.body_bytes,
         parts = opts.partitions,
         wait = opts.max_wait,
@@ -510,6 +592,7 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
         peak = mb(stats.peak_rss_bytes),
         cpu = stats.cpu_seconds / (n as f64 / 1000.0),
         total = stats.cpu_seconds,
+        pass_cpu_k = pass_cpu / (n as f64 / 1000.0),
     );
     Ok(report)
 }

@@ -399,3 +399,110 @@ impl Deliveries<'_> {
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The delivery paths a healthy broker never takes, on librdkafka's mock
+    //! cluster (DESIGN.md: a focused test of broker errors).
+
+    use std::collections::HashSet;
+
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+
+    const TOPIC: &str = "results";
+
+    /// A publisher on `brokers` whose messages time out after 100 ms.
+    fn publisher(brokers: &str, abandon: CancellationToken) -> Publisher {
+        let mut cfg = Config::load_from(None, Vec::<(String, String)>::new()).unwrap();
+        cfg.kafka.brokers = brokers.to_owned();
+        cfg.topics.results = TOPIC.to_owned();
+        cfg.kafka
+            .producer
+            .insert("message.timeout.ms".into(), "100".into());
+        Publisher::new(&cfg, abandon).unwrap()
+    }
+
+    fn keys_in_topic(brokers: &str, want: usize) -> HashSet<String> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "publisher-test")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[TOPIC]).unwrap();
+        let mut keys = HashSet::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while keys.len() < want && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                keys.insert(String::from_utf8(m.key().unwrap().to_vec()).unwrap());
+            }
+        }
+        keys
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deliveries_that_time_out_are_sent_again_until_the_broker_has_them() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 2, 1).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        let publisher = publisher(&brokers, CancellationToken::new());
+        cluster.broker_down(1).unwrap();
+        let mut deliveries = publisher.deliveries();
+        for i in 0..50 {
+            deliveries
+                .push(&format!("id-{i}"), format!("{{\"n\":{i}}}").as_bytes())
+                .await
+                .unwrap();
+        }
+        // Down for ten times message.timeout.ms: every first send fails.
+        let started = std::time::Instant::now();
+        let back_up = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            cluster.broker_up(1).unwrap();
+        };
+        let finishing = async {
+            let finished = tokio::time::timeout(Duration::from_secs(60), deliveries.finish()).await;
+            (finished, started.elapsed())
+        };
+        let ((finished, took), ()) = tokio::join!(finishing, back_up);
+        finished
+            .expect("every delivery is confirmed in time")
+            .unwrap();
+        assert!(
+            took >= Duration::from_secs(1),
+            "finished while the broker was down: {took:?}"
+        );
+        let keys = keys_in_topic(&brokers, 50);
+        let want: HashSet<String> = (0..50).map(|i| format!("id-{i}")).collect();
+        assert_eq!(keys, want);
+        // Every permit came back: nothing is counted in flight.
+        assert_eq!(
+            publisher.inflight.available_permits(),
+            Config::load_from(None, Vec::<(String, String)>::new())
+                .unwrap()
+                .limits
+                .max_inflight_deliveries
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abandoning_ends_deliveries_the_broker_never_took() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let abandon = CancellationToken::new();
+        let publisher = publisher(&cluster.bootstrap_servers(), abandon.clone());
+        cluster.broker_down(1).unwrap();
+        let mut deliveries = publisher.deliveries();
+        deliveries.push("id-1", b"{}").await.unwrap();
+        let finishing = tokio::time::timeout(Duration::from_secs(10), deliveries.finish());
+        let (finished, ()) = tokio::join!(finishing, async { abandon.cancel() });
+        let finished = finished.expect("finish returns once abandoned");
+        assert!(
+            matches!(finished, Err(PublishError::Abandoned { .. })),
+            "{finished:?}"
+        );
+    }
+}
