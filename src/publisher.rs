@@ -167,7 +167,7 @@ impl Publisher {
         headers: Option<OwnedHeaders>,
     ) -> Result<(), PublishError> {
         let mut one = self.deliveries();
-        one.send(topic, key, payload, headers).await?;
+        one.queue(topic, key, payload, headers).await?;
         one.finish().await
     }
 
@@ -260,9 +260,13 @@ pub struct Deliveries<'a> {
 impl Deliveries<'_> {
     /// Queues a result keyed by `custom_id`, first waiting for room among
     /// the process's deliveries in flight.
+    /// What failed so far is sent again first.
     pub async fn push(&mut self, custom_id: &str, payload: &[u8]) -> Result<(), PublishError> {
+        if self.pending.any_failed.load(Ordering::Acquire) {
+            self.resend_failed().await?;
+        }
         let topic = &self.publisher.results_topic;
-        self.send(topic, Some(custom_id.as_bytes()), Some(payload), None)
+        self.queue(topic, Some(custom_id.as_bytes()), Some(payload), None)
             .await
     }
 
@@ -286,20 +290,6 @@ impl Deliveries<'_> {
                 }
             }
         }
-    }
-
-    /// Sends what failed so far again, then queues this message.
-    async fn send(
-        &mut self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: Option<&[u8]>,
-        headers: Option<OwnedHeaders>,
-    ) -> Result<(), PublishError> {
-        if self.pending.any_failed.load(Ordering::Acquire) {
-            self.resend_failed().await?;
-        }
-        self.queue(topic, key, payload, headers).await
     }
 
     /// Hands one message to the producer once there is room for it.
