@@ -581,7 +581,14 @@ struct CustomIdCounts {
 
 impl Ledger {
     fn entry(&mut self, custom_id: &str) -> &mut CustomIdCounts {
-        self.custom_ids.entry(custom_id.to_owned()).or_default()
+        // Billing finds the custom_ids submission added: no key to copy.
+        if !self.custom_ids.contains_key(custom_id) {
+            self.custom_ids
+                .insert(custom_id.to_owned(), CustomIdCounts::default());
+        }
+        self.custom_ids
+            .get_mut(custom_id)
+            .expect("the custom_id was just inserted")
     }
 
     fn apply(&mut self, kind: EventKind, ids: Vec<&str>) {
@@ -711,11 +718,15 @@ pub(crate) fn json_digest128(value: &serde_json::Value, seed: u64) -> u128 {
 }
 
 pub(crate) fn random_hex(len: usize) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    use std::fmt::Write as _;
     let mut rng = rand::rng();
-    (0..len)
-        .map(|_| char::from(HEX[rng.random_range(0..HEX.len())]))
-        .collect()
+    let mut hex = String::with_capacity(len.next_multiple_of(16));
+    while hex.len() < len {
+        // Sixteen uniform digits a draw.
+        let _ = write!(hex, "{:016x}", rng.random::<u64>());
+    }
+    hex.truncate(len);
+    hex
 }
 
 /// `len` random base-62 characters, as in OpenAI's `file-…` ids.
@@ -749,6 +760,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn random_hex_has_the_asked_length_and_alphabet() {
+        for len in [0, 8, 16, 32, 33] {
+            let hex = random_hex(len);
+            assert_eq!(hex.len(), len);
+            assert!(
+                hex.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{hex}"
+            );
+        }
+        assert_ne!(random_hex(32), random_hex(32));
     }
 
     #[test]

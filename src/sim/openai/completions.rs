@@ -5,6 +5,9 @@
 //! the exact expected result line with the same public functions the
 //! simulator uses. Nothing here does I/O or reads a clock.
 
+use std::borrow::Cow;
+
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -67,37 +70,98 @@ pub fn injected_error_status(custom_id: &str, seed: u64) -> u16 {
 /// than the reply's word count, the reply is cut to that many words and the
 /// finish reason is `"length"`; otherwise it is `"stop"`.
 pub fn chat_reply(body: &Value) -> (String, &'static str) {
-    let conversation = ["messages", "input", "prompt"]
+    reply_to(body, crate::sim::json_digest64(conversation(body), 0))
+}
+
+/// What [`chat_reply`] hashes: `messages`, or `input`/`prompt` for the
+/// other text endpoints.
+fn conversation(body: &Value) -> &Value {
+    CONVERSATION_KEYS
         .iter()
         .find_map(|key| body.get(*key))
-        .unwrap_or(&Value::Null);
-    let digest = crate::sim::json_digest64(conversation, 0);
-    let quoted = last_user_text(body)
-        .map(|text| {
-            text.split_whitespace()
-                .take(QUOTED_WORDS)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
-    let reply = if quoted.is_empty() {
-        format!("Simulated reply {digest:016x}.")
+        .unwrap_or(&Value::Null)
+}
+
+/// The keys [`conversation`] looks for, first found wins.
+const CONVERSATION_KEYS: [&str; 3] = ["messages", "input", "prompt"];
+
+/// [`chat_reply`], given the digest of the conversation.
+fn reply_to(body: &Value, digest: u64) -> (String, &'static str) {
+    use std::fmt::Write as _;
+    let mut reply = format!("Simulated reply {digest:016x}");
+    let mut words = 3;
+    let text = last_user_text(body).unwrap_or_default();
+    let mut quoted = text.split_whitespace().take(QUOTED_WORDS).peekable();
+    if quoted.peek().is_some() {
+        reply.push_str(" to:");
+        words += 1;
+        for word in quoted {
+            let _ = write!(reply, " {word}");
+            words += 1;
+        }
     } else {
-        format!("Simulated reply {digest:016x} to: {quoted}")
-    };
+        reply.push('.');
+    }
 
     let limit = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .iter()
         .find_map(|key| body.get(*key).and_then(Value::as_u64));
-    let words: Vec<&str> = reply.split_whitespace().collect();
     match limit {
-        Some(limit) if limit < words.len() as u64 => {
-            // `limit < len` so it fits in usize.
-            let kept = usize::try_from(limit).unwrap_or(words.len());
-            (words[..kept].join(" "), "length")
+        Some(limit) if limit < words => {
+            // `limit < words` so it fits in usize.
+            let kept = usize::try_from(limit).unwrap_or(usize::MAX);
+            let cut: Vec<&str> = reply.split_whitespace().take(kept).collect();
+            (cut.join(" "), "length")
         }
         _ => (reply, "stop"),
     }
+}
+
+/// The digests a reply and its id derive from, taken from one
+/// serialisation of the request body: the 128-bit XXH3 of the whole body
+/// seeded with `seed` (as [`crate::sim::json_digest128`]), and the 64-bit
+/// XXH3 of its [`conversation`] (as [`crate::sim::json_digest64`], seed 0).
+fn body_digests(body: &Value, seed: u64) -> (u128, u64) {
+    use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64_with_seed};
+    thread_local! {
+        static TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let Value::Object(fields) = body else {
+        return (
+            crate::sim::json_digest128(body, seed),
+            crate::sim::json_digest64(conversation(body), 0),
+        );
+    };
+    TEXT.with_borrow_mut(|text| {
+        // The compact form serde_json writes for a map, written a field at a
+        // time to note where each conversation key's value lies.
+        text.clear();
+        text.push(b'{');
+        let mut found: [Option<(usize, usize)>; 3] = [None; 3];
+        for (i, (key, value)) in fields.iter().enumerate() {
+            if i > 0 {
+                text.push(b',');
+            }
+            let written = serde_json::to_writer(&mut *text, key).and_then(|()| {
+                text.push(b':');
+                let start = text.len();
+                serde_json::to_writer(&mut *text, value).map(|()| start)
+            });
+            let start = written.expect("writing JSON to a Vec cannot fail");
+            if let Some(slot) = CONVERSATION_KEYS.iter().position(|k| k == key) {
+                found[slot] = Some((start, text.len()));
+            }
+        }
+        text.push(b'}');
+        let conversation = match found.iter().flatten().next() {
+            Some(&(start, end)) => &text[start..end],
+            None => b"null".as_slice(),
+        };
+        (
+            xxh3_128_with_seed(text, seed),
+            xxh3_64_with_seed(conversation, 0),
+        )
+    })
 }
 
 /// The endpoint's normal response to `body`, as it would appear in a batch
@@ -156,30 +220,105 @@ pub(crate) fn body_usage(body: &Value) -> (u64, u64) {
 }
 
 fn chat_completion(body: &Value, created: i64) -> Value {
-    let (content, finish_reason) = chat_reply(body);
-    let prompt_tokens = prompt_tokens(body);
-    let completion_tokens = word_count(&content);
-    json!({
-        "id": deterministic_id("chatcmpl-", body, created),
-        "object": "chat.completion",
-        "created": created,
-        "model": model_or_unknown(body),
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content, "refusal": null, "annotations": []},
-            "logprobs": null,
-            "finish_reason": finish_reason,
-        }],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0},
-        },
-        "service_tier": "default",
-        "system_fingerprint": "fp_batchline_sim",
-    })
+    serde_json::to_value(ChatCompletion::new(body, created))
+        .expect("a chat completion has string keys only")
+}
+
+/// A `chat.completion` object (PROVIDERS.md 1.6), typed so that a batch
+/// writes each one without building a `Value` first. Its fields are
+/// declared in the order a `Value` writes its keys (sorted), so the two
+/// give the same bytes.
+#[derive(Serialize)]
+pub(crate) struct ChatCompletion<'a> {
+    choices: [ChatChoice; 1],
+    created: i64,
+    id: String,
+    model: Cow<'a, Value>,
+    object: &'static str,
+    service_tier: &'static str,
+    system_fingerprint: &'static str,
+    usage: ChatUsage,
+}
+
+#[derive(Serialize)]
+struct ChatChoice {
+    finish_reason: &'static str,
+    index: u32,
+    logprobs: (),
+    message: ChatMessage,
+}
+
+#[derive(Serialize)]
+struct ChatMessage {
+    annotations: [(); 0],
+    content: String,
+    refusal: (),
+    role: &'static str,
+}
+
+#[derive(Serialize)]
+struct ChatUsage {
+    completion_tokens: u64,
+    completion_tokens_details: ReasoningTokens,
+    prompt_tokens: u64,
+    prompt_tokens_details: CachedTokens,
+    total_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct ReasoningTokens {
+    reasoning_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct CachedTokens {
+    cached_tokens: u64,
+}
+
+impl<'a> ChatCompletion<'a> {
+    /// The completion of the chat request `body` in a batch stamped
+    /// `created`.
+    pub(crate) fn new(body: &'a Value, created: i64) -> Self {
+        let (id_digest, conversation_digest) = body_digests(body, created as u64);
+        let (content, finish_reason) = reply_to(body, conversation_digest);
+        let prompt_tokens = prompt_tokens(body);
+        let completion_tokens = word_count(&content);
+        Self {
+            choices: [ChatChoice {
+                finish_reason,
+                index: 0,
+                logprobs: (),
+                message: ChatMessage {
+                    annotations: [],
+                    content,
+                    refusal: (),
+                    role: "assistant",
+                },
+            }],
+            created,
+            id: format!("chatcmpl-{id_digest:032x}"),
+            model: body
+                .get("model")
+                .map_or_else(|| Cow::Owned(Value::from("unknown")), Cow::Borrowed),
+            object: "chat.completion",
+            service_tier: "default",
+            system_fingerprint: "fp_batchline_sim",
+            usage: ChatUsage {
+                completion_tokens,
+                completion_tokens_details: ReasoningTokens {
+                    reasoning_tokens: 0,
+                },
+                prompt_tokens,
+                prompt_tokens_details: CachedTokens { cached_tokens: 0 },
+                total_tokens: prompt_tokens + completion_tokens,
+            },
+        }
+    }
+
+    /// Input and output tokens, as [`body_usage`] reads them.
+    pub(crate) fn usage(&self) -> (u64, u64) {
+        (self.usage.prompt_tokens, self.usage.completion_tokens)
+    }
 }
 
 fn response_object(body: &Value, created: i64) -> Value {
@@ -374,19 +513,19 @@ fn video(body: &Value, created: i64) -> Value {
 /// The text of the last user turn: the last `role:"user"` message of
 /// `messages` or of an `input` list, a plain `input`/`prompt` string, or the
 /// last string of a `prompt` list.
-fn last_user_text(body: &Value) -> Option<String> {
+fn last_user_text(body: &Value) -> Option<Cow<'_, str>> {
     if let Some(messages) = body.get("messages").and_then(Value::as_array) {
         return last_user_message(messages);
     }
     for key in ["input", "prompt"] {
         match body.get(key) {
-            Some(Value::String(text)) => return Some(text.clone()),
+            Some(Value::String(text)) => return Some(Cow::Borrowed(text)),
             Some(Value::Array(items)) => {
                 if let Some(text) = last_user_message(items) {
                     return Some(text);
                 }
                 if let Some(text) = items.iter().rev().find_map(Value::as_str) {
-                    return Some(text.to_owned());
+                    return Some(Cow::Borrowed(text));
                 }
             }
             _ => {}
@@ -395,7 +534,7 @@ fn last_user_text(body: &Value) -> Option<String> {
     None
 }
 
-fn last_user_message(messages: &[Value]) -> Option<String> {
+fn last_user_message(messages: &[Value]) -> Option<Cow<'_, str>> {
     messages
         .iter()
         .rev()
@@ -405,15 +544,17 @@ fn last_user_message(messages: &[Value]) -> Option<String> {
 
 /// The text of a message `content`: a string, or the `text` of its parts
 /// (`text`, `input_text`, …) joined by spaces.
-fn content_text(content: &Value) -> String {
+fn content_text(content: &Value) -> Cow<'_, str> {
     match content {
-        Value::String(text) => text.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|part| part.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(" "),
-        _ => String::new(),
+        Value::String(text) => Cow::Borrowed(text),
+        Value::Array(parts) => Cow::Owned(
+            parts
+                .iter()
+                .filter_map(|part| part.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        _ => Cow::Borrowed(""),
     }
 }
 
@@ -422,9 +563,7 @@ fn prompt_tokens(body: &Value) -> u64 {
     let mut chars = 0;
     if let Some(messages) = body.get("messages").and_then(Value::as_array) {
         for message in messages {
-            chars += content_text(message.get("content").unwrap_or(&Value::Null))
-                .chars()
-                .count();
+            chars += content_chars(message.get("content").unwrap_or(&Value::Null));
         }
     }
     for key in ["instructions", "input", "prompt"] {
@@ -434,15 +573,31 @@ fn prompt_tokens(body: &Value) -> u64 {
                 .iter()
                 .map(|item| match item {
                     Value::String(text) => text.chars().count(),
-                    other => content_text(other.get("content").unwrap_or(&Value::Null))
-                        .chars()
-                        .count(),
+                    other => content_chars(other.get("content").unwrap_or(&Value::Null)),
                 })
                 .sum(),
             _ => 0,
         };
     }
     tokens_for_chars(chars)
+}
+
+/// The length in characters of [`content_text`], without building it.
+fn content_chars(content: &Value) -> usize {
+    match content {
+        Value::String(text) => text.chars().count(),
+        Value::Array(parts) => {
+            let (chars, texts) = parts
+                .iter()
+                .filter_map(|part| part.get("text").and_then(Value::as_str))
+                .fold((0, 0_usize), |(chars, texts), text| {
+                    (chars + text.chars().count(), texts + 1)
+                });
+            // The spaces that join the parts.
+            chars + texts.saturating_sub(1)
+        }
+        _ => 0,
+    }
 }
 
 fn tokens_for_chars(chars: usize) -> u64 {
@@ -661,5 +816,143 @@ mod tests {
         assert_eq!(base64_encode(b"fo"), "Zm8=");
         assert_eq!(base64_encode(b"foo"), "Zm9v");
         assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+    }
+
+    /// The bodies the typed chat path is checked on: the shapes
+    /// [`last_user_text`], [`prompt_tokens`] and the token limits read.
+    fn chat_bodies() -> Vec<Value> {
+        vec![
+            chat_body(None),
+            chat_body(Some(3)),
+            chat_body(Some(0)),
+            chat_body(Some(12)),
+            json!({"model": "m", "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "image_url"}, {"type": "text", "text": " two  é\"\\ "}]},
+                {"role": "assistant", "content": "ok"},
+            ], "max_completion_tokens": 5, "temperature": 0.5}),
+            json!({"messages": [{"role": "system", "content": "no user here"}]}),
+            json!({"model": 7, "messages": [], "prompt": "ignored"}),
+            json!({"model": "m", "input": "a plain input string", "instructions": "be brief"}),
+            json!({"model": "m", "prompt": ["first", "second prompt"]}),
+            json!({"model": "m", "messages": null}),
+            json!({}),
+            json!({"model": "m", "messages": [{"role": "user", "content": "   "}], "max_tokens": "5"}),
+        ]
+    }
+
+    /// The `json!` form the typed [`ChatCompletion`] replaced, kept to check
+    /// that the two write the same bytes.
+    fn reference_chat_completion(body: &Value, created: i64) -> Value {
+        let conversation = ["messages", "input", "prompt"]
+            .iter()
+            .find_map(|key| body.get(*key))
+            .unwrap_or(&Value::Null);
+        let digest = crate::sim::json_digest64(conversation, 0);
+        let quoted = last_user_text(body)
+            .map(|text| {
+                text.split_whitespace()
+                    .take(QUOTED_WORDS)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let reply = if quoted.is_empty() {
+            format!("Simulated reply {digest:016x}.")
+        } else {
+            format!("Simulated reply {digest:016x} to: {quoted}")
+        };
+        let limit = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|key| body.get(*key).and_then(Value::as_u64));
+        let words: Vec<&str> = reply.split_whitespace().collect();
+        let (content, finish_reason) = match limit {
+            Some(limit) if limit < words.len() as u64 => {
+                (words[..limit as usize].join(" "), "length")
+            }
+            _ => (reply.clone(), "stop"),
+        };
+        let prompt_tokens = prompt_tokens(body);
+        let completion_tokens = word_count(&content);
+        json!({
+            "id": deterministic_id("chatcmpl-", body, created),
+            "object": "chat.completion",
+            "created": created,
+            "model": model_or_unknown(body),
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": null, "annotations": []},
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0},
+            },
+            "service_tier": "default",
+            "system_fingerprint": "fp_batchline_sim",
+        })
+    }
+
+    #[test]
+    fn typed_chat_completions_write_the_bytes_of_the_value_form() {
+        for body in chat_bodies() {
+            for created in [0, 1_700_000_000] {
+                let reference = reference_chat_completion(&body, created);
+                let typed = ChatCompletion::new(&body, created);
+                assert_eq!(
+                    serde_json::to_string(&typed).unwrap(),
+                    reference.to_string(),
+                    "{body}"
+                );
+                assert_eq!(typed.usage(), body_usage(&reference), "{body}");
+                assert_eq!(
+                    response_body("/v1/chat/completions", &body, created),
+                    reference
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn one_serialisation_gives_both_digests() {
+        let mut bodies = chat_bodies();
+        bodies.extend([
+            json!(null),
+            json!([1, 2]),
+            json!("text"),
+            json!({"input": [{"a": 1}], "prompt": "p"}),
+        ]);
+        for body in bodies {
+            for seed in [0, 1_700_000_000] {
+                assert_eq!(
+                    body_digests(&body, seed),
+                    (
+                        crate::sim::json_digest128(&body, seed),
+                        crate::sim::json_digest64(conversation(&body), 0)
+                    ),
+                    "{body}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn content_chars_counts_the_joined_text() {
+        for content in [
+            json!("héllo"),
+            json!([]),
+            json!([{"text": "a"}, {"type": "image"}, {"text": "bc"}, {"text": ""}]),
+            json!(null),
+            json!(3),
+        ] {
+            assert_eq!(
+                content_chars(&content),
+                content_text(&content).chars().count(),
+                "{content}"
+            );
+        }
     }
 }

@@ -25,6 +25,7 @@
 //! - an outcome: `finalizing` or `cancelling` waits out the rest of its
 //!   time, then the batch settles.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
@@ -39,7 +40,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::completions::{body_usage, embedding_input_count, request_model};
+use super::completions::{body_usage, embedding_input_count, request_model, ChatCompletion};
 use super::{
     dropped_result, injected_error, injected_error_status, response_body, Batch, BatchError,
     BatchErrors, BatchStatus, BatchUsage, FileObject, Life, OpenAi, ORGANIZATION,
@@ -828,14 +829,14 @@ fn run_requests(mut input: File, job: &Job) -> io::Result<Processed> {
             continue;
         }
         // The file passed validation through this very handle.
-        let Ok(request) = serde_json::from_slice::<Value>(&buf) else {
+        let Some(request) = RunLine::parse(&buf) else {
             continue;
         };
-        let custom_id = request["custom_id"].as_str().unwrap_or_default();
+        let custom_id = &request.custom_id;
         if index < job.ran {
-            run_request(&mut sink, job, custom_id, &request["body"])?;
+            run_request(&mut sink, job, custom_id, &request.body)?;
         } else if let Some(tail) = job.tail {
-            let line = ResultLine {
+            let line: ResultLine = ResultLine {
                 id: line_id(),
                 custom_id,
                 response: None,
@@ -846,6 +847,32 @@ fn run_requests(mut input: File, job: &Job) -> io::Result<Processed> {
         index += 1;
     }
     sink.finish()
+}
+
+/// What running an input line needs of it.
+#[derive(Deserialize)]
+struct RunLine<'a> {
+    #[serde(borrow, default)]
+    custom_id: Cow<'a, str>,
+    #[serde(default)]
+    body: Value,
+}
+
+impl<'a> RunLine<'a> {
+    /// The line's `custom_id` (empty if it has none) and `body` (`null` if
+    /// it has none), as indexing a parsed `Value` would give them; `None` if
+    /// the line is not JSON.
+    fn parse(line: &'a [u8]) -> Option<Self> {
+        serde_json::from_slice(line).ok().or_else(|| {
+            // Typed parsing is stricter than a `Value` (a repeated key,
+            // a non-string `custom_id`), so fall back to one.
+            let mut request: Value = serde_json::from_slice(line).ok()?;
+            Some(Self {
+                custom_id: Cow::Owned(request["custom_id"].as_str().unwrap_or_default().to_owned()),
+                body: request.get_mut("body").map(Value::take).unwrap_or_default(),
+            })
+        })
+    }
 }
 
 fn run_request(sink: &mut ResultSink, job: &Job, custom_id: &str, body: &Value) -> io::Result<()> {
@@ -882,9 +909,29 @@ fn run_request(sink: &mut ResultSink, job: &Job, custom_id: &str, body: &Value) 
         };
         return sink.push(Destination::Errors, &line, None);
     }
+    if job.endpoint == CHAT_ENDPOINT {
+        // The endpoint of nearly every batch: written without a `Value`.
+        let body = ChatCompletion::new(body, job.created);
+        let usage = body.usage();
+        return sink.push(
+            Destination::Output,
+            &success_line(custom_id, body),
+            Some((custom_id, usage)),
+        );
+    }
     let body = response_body(&job.endpoint, body, job.created);
     let usage = body_usage(&body);
-    let line = ResultLine {
+    sink.push(
+        Destination::Output,
+        &success_line(custom_id, body),
+        Some((custom_id, usage)),
+    )
+}
+
+const CHAT_ENDPOINT: &str = "/v1/chat/completions";
+
+fn success_line<B: Serialize>(custom_id: &str, body: B) -> ResultLine<'_, B> {
+    ResultLine {
         id: line_id(),
         custom_id,
         response: Some(LineResponse {
@@ -893,8 +940,7 @@ fn run_request(sink: &mut ResultSink, job: &Job, custom_id: &str, body: &Value) 
             body,
         }),
         error: None,
-    };
-    sink.push(Destination::Output, &line, Some((custom_id, usage)))
+    }
 }
 
 fn line_id() -> String {
@@ -903,18 +949,18 @@ fn line_id() -> String {
 
 /// One line of an output or error file (PROVIDERS.md 1.6).
 #[derive(Serialize)]
-struct ResultLine<'a> {
+struct ResultLine<'a, B = Value> {
     id: String,
     custom_id: &'a str,
-    response: Option<LineResponse>,
+    response: Option<LineResponse<B>>,
     error: Option<LineError>,
 }
 
 #[derive(Serialize)]
-struct LineResponse {
+struct LineResponse<B = Value> {
     status_code: u16,
     request_id: String,
-    body: Value,
+    body: B,
 }
 
 #[derive(Serialize)]
@@ -935,6 +981,8 @@ struct ResultSink {
     output: JsonlFile,
     errors: JsonlFile,
     chunk: Vec<PendingLine>,
+    /// Emptied line buffers of earlier chunks, to serialise into again.
+    spare: Vec<Vec<u8>>,
     shuffle: StdRng,
     input_tokens: u64,
     output_tokens: u64,
@@ -955,6 +1003,7 @@ impl ResultSink {
             output: JsonlFile::new(&job.output),
             errors: JsonlFile::new(&job.errors),
             chunk: Vec::with_capacity(SHUFFLE_CHUNK),
+            spare: Vec::with_capacity(SHUFFLE_CHUNK),
             shuffle: StdRng::seed_from_u64(job.shuffle_seed),
             input_tokens: 0,
             output_tokens: 0,
@@ -962,13 +1011,14 @@ impl ResultSink {
         }
     }
 
-    fn push(
+    fn push<B: Serialize>(
         &mut self,
         destination: Destination,
-        line: &ResultLine<'_>,
+        line: &ResultLine<'_, B>,
         success: Option<(&str, (u64, u64))>,
     ) -> io::Result<()> {
-        let json = serde_json::to_vec(line).map_err(io::Error::other)?;
+        let mut json = self.spare.pop().unwrap_or_default();
+        serde_json::to_writer(&mut json, line).map_err(io::Error::other)?;
         let billed = success.map(|(custom_id, (input_tokens, output_tokens))| {
             self.input_tokens += input_tokens;
             self.output_tokens += output_tokens;
@@ -987,12 +1037,14 @@ impl ResultSink {
 
     fn flush_chunk(&mut self) -> io::Result<()> {
         self.chunk.shuffle(&mut self.shuffle);
-        for line in self.chunk.drain(..) {
+        for mut line in self.chunk.drain(..) {
             match line.destination {
                 Destination::Output => self.output.write_line(&line.json)?,
                 Destination::Errors => self.errors.write_line(&line.json)?,
             }
             self.billed.extend(line.billed);
+            line.json.clear();
+            self.spare.push(line.json);
         }
         Ok(())
     }
@@ -1145,5 +1197,28 @@ mod tests {
             .expect("rejected");
         assert_eq!(error.code, "too_many_tasks");
         assert_eq!(error.line, Some(MAX_REQUESTS + 1));
+    }
+
+    #[test]
+    fn run_lines_read_what_indexing_a_value_reads() {
+        for line in [
+            r#"{"custom_id":"a","method":"POST","body":{"model":"m","messages":[]}}"#,
+            r#"{"custom_id":"a\"b","body":{"x":1}}"#,
+            r#"{"custom_id":"a","custom_id":"b","body":{"x":1}}"#,
+            r#"{"custom_id":7,"body":{"x":1}}"#,
+            r#"{"custom_id":null,"body":null}"#,
+            r#"{"body":{"x":1},"body":{"y":2}}"#,
+            r#"{}"#,
+        ] {
+            let value: Value = serde_json::from_str(line).unwrap();
+            let run = RunLine::parse(line.as_bytes()).expect(line);
+            assert_eq!(
+                run.custom_id,
+                value["custom_id"].as_str().unwrap_or_default(),
+                "{line}"
+            );
+            assert_eq!(run.body, value["body"], "{line}");
+        }
+        assert!(RunLine::parse(b"{not json").is_none());
     }
 }
