@@ -371,6 +371,7 @@ async fn submit<'a>(
                     match resolve_ambiguous(ctx, provider, batch, file_id.as_deref(), abandon).await
                     {
                         Some(Some(pb)) => {
+                            ctx.metrics.route_ok(provider.name());
                             if !record_submitted(ctx, batch, &pb, abandon).await {
                                 return Submission::Abandoned;
                             }
@@ -426,6 +427,12 @@ async fn resolve_ambiguous(
             Ok(found) => break found,
             Err(e) => {
                 tracing::warn!(provider = provider.name(), batch = %batch.id, error = %e, "lookup failed; retrying");
+                // A create whose answer was lost (a server may answer 401
+                // and reset before reading the body) is looked up with the
+                // same key: its refusal marks the route, as the create's would.
+                if classify_refusal(&e) == Refusal::HoldRoute {
+                    ctx.metrics.route_failing(provider.name());
+                }
                 attempt += 1;
                 let wait = ctx.retry.backoff(attempt);
                 if !sleep_or_abandon(wait, abandon).await {
