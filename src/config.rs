@@ -403,6 +403,29 @@ impl<'de> Deserialize<'de> for ByteRate {
     }
 }
 
+/// The librdkafka property an environment variable sets, if it is one:
+/// `BATCHLINE__KAFKA__CONSUMER__FETCH_WAIT_MAX_MS` sets `fetch.wait.max.ms`
+/// under `kafka.consumer` (`_` stands for `.`, which no property name
+/// settable as a string lacks and which shells do not allow in names).
+fn librdkafka_property(var: &str) -> Option<(&'static str, String)> {
+    let rest = var.strip_prefix("BATCHLINE__")?;
+    let (map, name) = if let Some(name) = strip_prefix_ignore_case(rest, "KAFKA__CONSUMER__") {
+        ("kafka.consumer", name)
+    } else {
+        (
+            "kafka.producer",
+            strip_prefix_ignore_case(rest, "KAFKA__PRODUCER__")?,
+        )
+    };
+    Some((map, name.to_ascii_lowercase().replace('_', ".")))
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
 /// Effective window limits for one provider, after the provider's own
 /// overrides and its hard limits are applied.
 #[derive(Debug, Clone, Copy)]
@@ -433,11 +456,18 @@ impl Config {
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).required(true));
         }
-        let overrides: config::Map<String, String> = env
-            .iter()
-            .filter(|(k, _)| k.starts_with("BATCHLINE__"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        // librdkafka property names contain dots, which the layered
+        // sources read as nesting: those two maps are filled here instead.
+        let mut properties: Vec<(&'static str, String, &String)> = Vec::new();
+        let mut overrides = config::Map::new();
+        for (k, v) in env.iter().filter(|(k, _)| k.starts_with("BATCHLINE__")) {
+            match librdkafka_property(k) {
+                Some((map, name)) => properties.push((map, name, v)),
+                None => {
+                    overrides.insert(k.clone(), v.clone());
+                }
+            }
+        }
         builder = builder.add_source(
             config::Environment::with_prefix("BATCHLINE")
                 .prefix_separator("__")
@@ -445,6 +475,17 @@ impl Config {
                 .source(Some(overrides)),
         );
         let mut cfg: Config = builder.build()?.try_deserialize()?;
+        for (map, name, value) in properties {
+            if name.is_empty() {
+                return Err(invalid(map, "an environment variable names no property"));
+            }
+            let map = if map == "kafka.consumer" {
+                &mut cfg.kafka.consumer
+            } else {
+                &mut cfg.kafka.producer
+            };
+            map.insert(name, value.clone());
+        }
         cfg.resolve_keys(&env)?;
         cfg.validate()?;
         Ok(cfg)
@@ -692,6 +733,34 @@ mod tests {
             cfg.providers["openai"].api_key.as_ref().unwrap().expose(),
             "sk-test"
         );
+    }
+
+    #[test]
+    fn environment_sets_librdkafka_properties_with_underscores_for_dots() {
+        let cfg = Config::load_from(
+            None,
+            env(&[
+                ("BATCHLINE__KAFKA__CONSUMER__FETCH_WAIT_MAX_MS", "100"),
+                ("BATCHLINE__KAFKA__CONSUMER__security.protocol", "SASL_SSL"),
+                ("BATCHLINE__KAFKA__PRODUCER__LINGER_MS", "20"),
+                ("BATCHLINE__KAFKA__BROKERS", "kafka:9092"),
+            ]),
+        )
+        .unwrap();
+        let consumer: Vec<_> = cfg.kafka.consumer.iter().collect();
+        assert_eq!(
+            consumer,
+            [
+                (&"fetch.wait.max.ms".to_string(), &"100".to_string()),
+                (&"security.protocol".to_string(), &"SASL_SSL".to_string()),
+            ]
+        );
+        assert_eq!(cfg.kafka.producer["linger.ms"], "20");
+        assert_eq!(cfg.kafka.brokers, "kafka:9092");
+        let err = Config::load_from(None, env(&[("BATCHLINE__KAFKA__CONSUMER__", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kafka.consumer"), "{err}");
     }
 
     #[test]
