@@ -17,7 +17,7 @@ use crate::config::{Price, ProviderKind};
 use crate::model::{
     rfc3339_millis, rfc3339_secs, ErrorInfo, ResultRecord, Source, Status, Timings, Usage,
 };
-use crate::packer::{RequestMeta, SealedBatch};
+use crate::packer::{MetaBuf, RequestMeta, SealedBatch};
 use crate::provider::{
     BatchState, LineOutcome, LineResult, Provider, ProviderBatch, ProviderError,
 };
@@ -385,6 +385,15 @@ pub struct CollectContext<'a> {
 /// status API: often enough to watch, rare enough to cost nothing.
 const COST_SHOWN_EVERY: u64 = 256;
 
+/// The error of an I/O call on `path`, for `map_err`: the path is only
+/// formatted when there is an error.
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CollectError + '_ {
+    move |source| CollectError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
 /// The result builder for one batch.
 struct Collection<'a> {
     ctx: &'a CollectContext<'a>,
@@ -396,19 +405,37 @@ struct Collection<'a> {
     collected: Collected,
     /// The result being published, serialised (the producer copies it).
     payload: Vec<u8>,
+    /// The batch's own times, formatted once.
+    submitted_at: Option<String>,
+    ended_at: Option<String>,
 }
 
 impl<'a> Collection<'a> {
-    fn io_err(&self, path: &Path) -> impl FnOnce(std::io::Error) -> CollectError {
-        let path = path.display().to_string();
-        move |source| CollectError::Io { path, source }
+    fn new(
+        ctx: &'a CollectContext<'a>,
+        batch: &'a SealedBatch,
+        pb: &'a ProviderBatch,
+        meta: File,
+    ) -> Collection<'a> {
+        Collection {
+            ctx,
+            batch,
+            pb,
+            meta,
+            seen: vec![false; batch.len()],
+            deliveries: ctx.publisher.deliveries(),
+            collected: Collected::default(),
+            payload: Vec::new(),
+            submitted_at: pb.created_at.and_then(rfc3339_secs),
+            ended_at: pb.ended_at.and_then(rfc3339_secs),
+        }
     }
 
     fn timings(&self, meta: &RequestMeta<'_>) -> Timings {
         Timings {
             received_at: meta.timestamp_ms.and_then(rfc3339_millis),
-            submitted_at: self.pb.created_at.and_then(rfc3339_secs),
-            ended_at: self.pb.ended_at.and_then(rfc3339_secs),
+            submitted_at: self.submitted_at.clone(),
+            ended_at: self.ended_at.clone(),
         }
     }
 
@@ -505,16 +532,20 @@ impl<'a> Collection<'a> {
     }
 
     async fn read_file(&mut self, path: &Path) -> Result<(), CollectError> {
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(self.io_err(path))?;
-        let mut lines = tokio::io::BufReader::with_capacity(256 * 1024, file).lines();
-        let mut meta_buf = Vec::new();
-        while let Some(line) = lines.next_line().await.map_err(self.io_err(path))? {
-            if line.trim().is_empty() {
+        let file = tokio::fs::File::open(path).await.map_err(io_err(path))?;
+        let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, file);
+        let mut meta_buf = MetaBuf::default();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).await.map_err(io_err(path))? == 0 {
+                break;
+            }
+            let text = line.trim_end_matches(['\n', '\r']);
+            if text.trim().is_empty() {
                 continue;
             }
-            let outcome: LineOutcome = match self.ctx.provider.parse_result_line(&line) {
+            let outcome: LineOutcome = match self.ctx.provider.parse_result_line(text) {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::warn!(batch = %self.batch.id, provider_batch = %self.pb.id, error = %e, "skipping unreadable result line");
@@ -528,7 +559,7 @@ impl<'a> Collection<'a> {
             let meta = self
                 .batch
                 .read_meta(&self.meta, i, &mut meta_buf)
-                .map_err(self.io_err(&self.batch.meta_path))?;
+                .map_err(io_err(&self.batch.meta_path))?;
             if meta.custom_id != outcome.custom_id {
                 tracing::warn!(batch = %self.batch.id, custom_id = %outcome.custom_id, "result for a custom_id not in the batch");
                 continue;
@@ -578,7 +609,7 @@ impl<'a> Collection<'a> {
             && named
                 .keys()
                 .any(|&l| l >= 1 && l <= self.seen.len() as u64 && !self.seen[l as usize - 1]);
-        let mut meta_buf = Vec::new();
+        let mut meta_buf = MetaBuf::default();
         for i in 0..self.seen.len() {
             if self.seen[i] {
                 continue;
@@ -591,7 +622,7 @@ impl<'a> Collection<'a> {
             let meta = self
                 .batch
                 .read_meta(&self.meta, i, &mut meta_buf)
-                .map_err(self.io_err(&self.batch.meta_path))?;
+                .map_err(io_err(&self.batch.meta_path))?;
             let error = match (self.pb.state, named.get(&(i as u64 + 1)), &whole_batch) {
                 (BatchState::Failed, Some(e), _) => {
                     ErrorInfo::new(e.code.clone(), e.message.clone())
@@ -650,20 +681,8 @@ pub async fn collect(
             batch: batch.id.clone(),
             source,
         })?;
-    let meta = batch.open_meta().map_err(|source| CollectError::Io {
-        path: batch.meta_path.display().to_string(),
-        source,
-    })?;
-    let c = Collection {
-        ctx,
-        batch,
-        pb,
-        meta,
-        seen: vec![false; batch.len()],
-        deliveries: ctx.publisher.deliveries(),
-        payload: Vec::new(),
-        collected: Collected::default(),
-    };
+    let meta = batch.open_meta().map_err(io_err(&batch.meta_path))?;
+    let c = Collection::new(ctx, batch, pb, meta);
     let result = c.run(&paths).await;
     for path in &paths {
         let _ = tokio::fs::remove_file(path).await;
@@ -692,28 +711,13 @@ pub async fn fail_all(
         created_at: None,
         ended_at: None,
     };
-    let meta = batch.open_meta().map_err(|source| CollectError::Io {
-        path: batch.meta_path.display().to_string(),
-        source,
-    })?;
-    let mut c = Collection {
-        ctx,
-        batch,
-        pb: &pb,
-        meta,
-        seen: vec![false; batch.len()],
-        deliveries: ctx.publisher.deliveries(),
-        payload: Vec::new(),
-        collected: Collected::default(),
-    };
-    let mut meta_buf = Vec::new();
+    let meta = batch.open_meta().map_err(io_err(&batch.meta_path))?;
+    let mut c = Collection::new(ctx, batch, &pb, meta);
+    let mut meta_buf = MetaBuf::default();
     for i in 0..batch.len() {
         let meta = batch
             .read_meta(&c.meta, i, &mut meta_buf)
-            .map_err(|source| CollectError::Io {
-                path: batch.meta_path.display().to_string(),
-                source,
-            })?;
+            .map_err(io_err(&batch.meta_path))?;
         c.publish_final(
             &meta,
             LineResult::Failed {

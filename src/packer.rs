@@ -103,6 +103,18 @@ fn hash_custom_id(id: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(id.as_bytes())
 }
 
+/// How much of a batch's side file [`SealedBatch::read_meta`] reads at once.
+pub const META_CHUNK: u64 = 64 * 1024;
+
+/// A window on a batch's side file, reused across [`SealedBatch::read_meta`]
+/// calls: at most [`META_CHUNK`] bytes, or one line if longer.
+#[derive(Debug, Default)]
+pub struct MetaBuf {
+    bytes: Vec<u8>,
+    /// The file offset of `bytes[0]`.
+    at: u64,
+}
+
 /// A sealed window, ready to submit: its spool files and the small index
 /// that maps provider result lines back to input offsets.
 #[derive(Debug)]
@@ -157,20 +169,29 @@ impl SealedBatch {
         File::open(&self.meta_path)
     }
 
-    /// Reads request `i`'s metadata with a positioned read into `buf`, which
-    /// the result borrows (one buffer serves a whole batch).
+    /// Reads request `i`'s metadata, which borrows `buf`. Results mostly
+    /// come in batch order, so `buf` reads the side file ahead in chunks
+    /// and serves the next lines from memory: a system call per
+    /// [`META_CHUNK`] rather than per request, whatever the order.
     pub fn read_meta<'b>(
         &self,
         file: &File,
         i: usize,
-        buf: &'b mut Vec<u8>,
+        buf: &'b mut MetaBuf,
     ) -> io::Result<RequestMeta<'b>> {
         let start = self.meta_pos[i];
-        let len = (self.meta_pos[i + 1] - start) as usize;
-        buf.clear();
-        buf.resize(len, 0);
-        file.read_exact_at(buf, start)?;
-        serde_json::from_slice(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        let end = self.meta_pos[i + 1];
+        let cached = buf.at..buf.at + buf.bytes.len() as u64;
+        if !(cached.contains(&start) && end <= cached.end) {
+            let file_end = self.meta_pos.last().copied().unwrap_or(end);
+            let len = (file_end - start).min(META_CHUNK.max(end - start));
+            buf.bytes.clear();
+            buf.bytes.resize(len as usize, 0);
+            file.read_exact_at(&mut buf.bytes, start)?;
+            buf.at = start;
+        }
+        let line = &buf.bytes[(start - buf.at) as usize..(end - buf.at) as usize];
+        serde_json::from_slice(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     /// A new batch of the same partition and route, under a new id, holding
@@ -205,7 +226,7 @@ impl SealedBatch {
         let meta_file = self.open_meta().map_err(io_err(&self.meta_path))?;
         let mut lines = io::BufReader::with_capacity(64 * 1024, input);
         let mut line = Vec::new();
-        let mut meta_buf = Vec::new();
+        let mut meta_buf = MetaBuf::default();
         let mut picks = picks.to_vec();
         picks.sort_unstable();
         picks.dedup();
@@ -706,10 +727,63 @@ mod tests {
         assert_eq!(first["body"]["model"], "m");
         let meta_file = batch.open_meta().unwrap();
         let i = batch.index_of("b").unwrap();
-        let mut buf = Vec::new();
+        let mut buf = MetaBuf::default();
         let meta = batch.read_meta(&meta_file, i, &mut buf).unwrap();
         assert_eq!((meta.custom_id.as_ref(), meta.offset), ("b", 1));
         assert_eq!(p.open_windows(), 0);
+    }
+
+    #[test]
+    fn metadata_reads_ahead_in_any_order_and_past_the_chunk_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Packer::new(dir.path(), "in").unwrap();
+        let b = body();
+        let n = 3000;
+        // Lines of varying length, one of them longer than a chunk, so that
+        // lines straddle chunk ends and one line needs a read of its own.
+        let metas: Vec<Box<RawValue>> = (0..n)
+            .map(|i| {
+                let pad = if i == 1234 { 70_000 } else { i % 97 };
+                RawValue::from_string(format!(r#"{{"i":{i},"pad":"{}"}}"#, "x".repeat(pad)))
+                    .unwrap()
+            })
+            .collect();
+        let ids: Vec<String> = (0..n).map(|i| format!("id-{i}")).collect();
+        let mut sealed = Vec::new();
+        for i in 0..n {
+            let mut r = req(&ids[i], &b, i as i64);
+            r.metadata = Some(&metas[i]);
+            sealed = p
+                .add(
+                    0,
+                    &route("m"),
+                    limits(n as u32, 1 << 30),
+                    &r,
+                    Instant::now(),
+                )
+                .unwrap();
+        }
+        let batch = &sealed[0];
+        assert!(
+            batch.meta_pos[n] > 2 * META_CHUNK,
+            "the side file spans chunks"
+        );
+        let file = batch.open_meta().unwrap();
+        let forward: Vec<usize> = (0..n).collect();
+        let backward: Vec<usize> = (0..n).rev().collect();
+        let strided: Vec<usize> = (0..n).map(|i| i * 7919 % n).collect();
+        for order in [forward, backward, strided] {
+            let mut buf = MetaBuf::default();
+            for i in order {
+                let m = batch.read_meta(&file, i, &mut buf).unwrap();
+                assert_eq!(
+                    (m.custom_id.as_ref(), m.offset),
+                    (ids[i].as_str(), i as i64)
+                );
+                assert_eq!(m.metadata.unwrap().get(), metas[i].get());
+                assert!(buf.bytes.len() as u64 <= META_CHUNK.max(70_100));
+            }
+        }
     }
 
     #[test]
@@ -741,7 +815,7 @@ mod tests {
             .unwrap();
         let batch = &sealed[0];
         let file = batch.open_meta().unwrap();
-        let mut buf = Vec::new();
+        let mut buf = MetaBuf::default();
         let a = batch.read_meta(&file, 0, &mut buf).unwrap();
         assert_eq!((a.custom_id.as_ref(), a.offset), ("a", 7));
         assert_eq!(a.timestamp_ms, Some(1_700_000_000_000));
@@ -918,7 +992,7 @@ mod tests {
         let meta = next.open_meta().unwrap();
         for (i, (id, n)) in [("b", 1), ("d", 3)].into_iter().enumerate() {
             assert_eq!(next.index_of(id), Some(i));
-            let mut buf = Vec::new();
+            let mut buf = MetaBuf::default();
             let m = next.read_meta(&meta, i, &mut buf).unwrap();
             assert_eq!(m.custom_id, id);
             assert_eq!(m.metadata.unwrap().get(), format!(r#"{{"n":{n}}}"#));

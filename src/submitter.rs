@@ -527,7 +527,7 @@ fn matches_custom_ids(
     use std::io::BufRead;
     let meta = batch.open_meta()?;
     let mut seen = vec![false; batch.len()];
-    let mut meta_buf = Vec::new();
+    let mut meta_buf = crate::packer::MetaBuf::default();
     for path in paths {
         for line in std::io::BufReader::new(std::fs::File::open(path)?).lines() {
             let line = line?;
