@@ -49,6 +49,8 @@ pub struct BenchOptions {
     /// `compression.type` of the producer that writes the input, in both
     /// runs (the producers stand in for other services' machines).
     pub compression: String,
+    /// `fetch.wait.max.ms` of both input consumers, when set.
+    pub fetch_wait: Option<Duration>,
     /// Give up on a phase after this long.
     pub timeout: Duration,
 }
@@ -315,18 +317,22 @@ async fn produce_requests(opts: &BenchOptions, topic: &str, n: usize) -> Result<
 /// Consumes `n` messages from `from` and produces them to `to`; returns
 /// the time from the first consumed message to the last delivery.
 async fn passthrough(
-    brokers: &str,
+    opts: &BenchOptions,
     from: &str,
     to: &str,
     n: usize,
-    timeout: Duration,
 ) -> Result<Duration, BenchError> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let (brokers, timeout) = (opts.brokers.as_str(), opts.timeout);
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("bench-pass-{}", run_id()))
         .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
+        .set("enable.auto.commit", "false");
+    if let Some(wait) = opts.fetch_wait {
+        config.set("fetch.wait.max.ms", wait.as_millis().to_string());
+    }
+    let consumer: BaseConsumer = config.create()?;
     consumer.subscribe(&[from])?;
     let mut producer = CountingProducer::new(
         ClientConfig::new()
@@ -374,6 +380,10 @@ fn await_results(
         .set("group.id", format!("bench-results-{}", run_id()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        // The clock stops when this reader sees the last result. Tansu holds
+        // a fetch for about half of this wait even when data is there, so
+        // librdkafka's 500 ms would add up to that much to the measurement.
+        .set("fetch.wait.max.ms", "100")
         .create()?;
     consumer.subscribe(&[topic])?;
     let mut seen = HashSet::with_capacity(n);
@@ -531,7 +541,7 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
     // The passthrough runs in this process, alone: its CPU is this
     // process's over the run.
     let cpu_before = proc_stats(std::process::id())?.cpu_seconds;
-    let pass = passthrough(&opts.brokers, &pass_in, &pass_out, n, opts.timeout).await?;
+    let pass = passthrough(opts, &pass_in, &pass_out, n).await?;
     let pass_cpu = proc_stats(std::process::id())?.cpu_seconds - cpu_before;
     let pass_rate = n as f64 / pass.as_secs_f64();
     eprintln!("passthrough: {n} in {pass:.2?} ({pass_rate:.0}/s)");
@@ -539,13 +549,15 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
     let (sim_addr, sim_stop) = start_sim(zero_latency()).await?;
     let spool = tempfile::tempdir()?;
     let max_wait = format!("{}ms", opts.max_wait.as_millis());
-    let mut child = spawn_batchline(
-        &opts.brokers,
-        &id,
-        &sim_addr,
-        spool.path(),
-        &[("BATCHLINE__WINDOW__MAX_WAIT", &max_wait)],
-    )?;
+    let mut extra = vec![("BATCHLINE__WINDOW__MAX_WAIT", max_wait)];
+    if let Some(wait) = opts.fetch_wait {
+        extra.push((
+            "BATCHLINE__KAFKA__CONSUMER__FETCH_WAIT_MAX_MS",
+            wait.as_millis().to_string(),
+        ));
+    }
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut child = spawn_batchline(&opts.brokers, &id, &sim_addr, spool.path(), &extra)?;
     // The clock starts once batchline is ready (partitions assigned and
     // their journal replayed), as the ceiling's starts at its first message.
     wait_http(&child.http, "/readyz", opts.timeout).await?;
@@ -574,7 +586,7 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
     let e2e_rate = n as f64 / e2e.as_secs_f64();
 
     let report = format!(
-        "requests:            {n} of ~{body} bytes over {parts} partitions, window.max_wait {wait:?}, input {codec}\n\
+        "requests:            {n} of ~{body} bytes over {parts} partitions, window.max_wait {wait:?}, input {codec}, input fetch.wait.max.ms {fetch_wait}\n\
          passthrough ceiling: {pass_rate:>10.0} msg/s ({pass:.2?})\n\
          batchline e2e:       {e2e_rate:>10.0} req/s ({e2e:.2?}, first produce to last result)\n\
          ratio:               {ratio:>10.2}x of the ceiling\n\
@@ -586,6 +598,9 @@ pub async fn throughput(opts: &BenchOptions) -> Result<String, BenchError> {
         body = opts.body_bytes,
         parts = opts.partitions,
         wait = opts.max_wait,
+        fetch_wait = opts
+            .fetch_wait
+            .map_or("500 (librdkafka's default)".into(), |w| w.as_millis().to_string()),
         codec = opts.compression,
         ratio = e2e_rate / pass_rate,
         idle = mb(idle.rss_bytes),

@@ -683,8 +683,11 @@ impl Ingest {
             // Fetch sizes count compressed bytes: one fetch of well
             // compressed input can be many times larger once decompressed,
             // and the queue cap above only applies between fetches. Small
-            // fetches keep that peak bounded.
-            .set("fetch.max.bytes", "4194304")
+            // fetches keep that peak bounded. 8 MB, as much as the queue
+            // cap: smaller fetches slowed consumption on a broker that fills
+            // a fetch from one partition at a time (BENCHMARKS.md, with the
+            // memory this costs).
+            .set("fetch.max.bytes", "8388608")
             .set("max.partition.fetch.bytes", "1048576")
             // Lag per partition and broker states, read in `stats_raw`.
             .set("statistics.interval.ms", STATISTICS_INTERVAL);

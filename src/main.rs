@@ -111,6 +111,12 @@ struct BenchArgs {
     /// lz4, zstd), the same in both runs. batchline's results are zstd.
     #[arg(long, default_value = "zstd")]
     compression: String,
+    /// `fetch.wait.max.ms` of both input consumers, the passthrough's and
+    /// batchline's (default: librdkafka's 500 ms). Some brokers, Tansu
+    /// among them, hold every fetch for part of this wait even when data is
+    /// there, which then bounds both runs.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    fetch_wait: Option<Duration>,
     /// Give up on a phase after this long.
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -275,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
                 body_bytes: args.body_bytes,
                 max_wait: args.max_wait,
                 compression: args.compression,
+                fetch_wait: args.fetch_wait,
                 timeout: args.timeout,
             };
             let report = match args.mode.as_str() {
