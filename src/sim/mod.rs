@@ -31,7 +31,7 @@ pub mod openai;
 mod store;
 pub mod xai;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -566,7 +566,19 @@ struct Ledger {
     batches_created: u64,
     requests_submitted: u64,
     requests_billed: u64,
-    custom_ids: BTreeMap<String, CustomIdCounts>,
+    /// Hashed, not ordered: it is looked up once per request and event, and
+    /// sorted only when `/sim/stats` is read.
+    #[serde(serialize_with = "sorted")]
+    custom_ids: HashMap<String, CustomIdCounts>,
+}
+
+/// Serialises a map with its keys in order, so `/sim/stats` reads the same
+/// for the same books.
+fn sorted<S: serde::Serializer>(
+    map: &HashMap<String, CustomIdCounts>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(map.iter().collect::<BTreeMap<_, _>>())
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -833,6 +845,14 @@ mod tests {
         assert_eq!(ledger.custom_ids["a"].submitted, 2);
         assert_eq!(ledger.custom_ids["a"].billed, 1);
         assert_eq!(ledger.custom_ids["b"].billed, 0);
+        drop(books);
+        // `/sim/stats` lists them in order, whatever the map's.
+        sim.record_submitted("b3", ["z", "0", "c", "y", "1"])
+            .unwrap();
+        let stats = serde_json::to_string(&lock(&sim.books).ledger).unwrap();
+        let at = |id: &str| stats.find(&format!("\"{id}\":{{")).expect(id);
+        let listed = ["0", "1", "a", "b", "c", "y", "z"].map(at);
+        assert!(listed.is_sorted(), "{stats}");
     }
 
     #[test]

@@ -625,6 +625,295 @@ struct CheckedLine {
 }
 
 fn check_line(raw: &[u8], endpoint: &str, line: u64) -> Result<CheckedLine, BatchError> {
+    match ValidLine::read(raw, endpoint) {
+        Some(valid) => Ok(valid),
+        None => check_line_value(raw, endpoint, line),
+    }
+}
+
+/// A valid chat-style request line for `endpoint`, read in one pass that
+/// builds no `Value`: the common case. `None` for anything else (an error,
+/// a repeated key, a non-string model, an embeddings request), which
+/// [`check_line_value`] then judges, so the two give the same verdicts.
+/// The pass is as strict as parsing a `Value` (every string decoded, every
+/// number in range), so it accepts no line that one would refuse.
+struct ValidLine;
+
+impl ValidLine {
+    fn read(raw: &[u8], endpoint: &str) -> Option<CheckedLine> {
+        if endpoint == "/v1/embeddings" {
+            return None;
+        }
+        let line: LineFields<'_> = serde_json::from_slice(raw).ok()?;
+        let custom_id = line.custom_id?.into_owned();
+        if custom_id.is_empty() || line.method? != "POST" || line.url? != endpoint {
+            return None;
+        }
+        Some(CheckedLine {
+            custom_id,
+            model: line.model?.into_owned(),
+            embedding_inputs: 0,
+        })
+    }
+}
+
+/// What [`ValidLine::read`] takes from a line: each field present once,
+/// as a string (`None` if absent, repeated or of another type), and the
+/// body's string `model`.
+#[derive(Default)]
+struct LineFields<'de> {
+    custom_id: Option<Cow<'de, str>>,
+    method: Option<Cow<'de, str>>,
+    url: Option<Cow<'de, str>>,
+    model: Option<Cow<'de, str>>,
+}
+
+impl<'de> Deserialize<'de> for LineFields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+struct FieldsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
+    type Value = LineFields<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a request line")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = LineFields::default();
+        let mut seen = [false; 4];
+        let mut body_ok = false;
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            let slot = match &*key.0 {
+                "custom_id" => 0,
+                "method" => 1,
+                "url" => 2,
+                "body" => 3,
+                _ => {
+                    map.next_value::<Strict>()?;
+                    continue;
+                }
+            };
+            if std::mem::replace(&mut seen[slot], true) {
+                // A repeated field: the last one counts in a `Value`;
+                // leave it to that path.
+                return Err(serde::de::Error::custom("repeated field"));
+            }
+            match slot {
+                3 => {
+                    let body = map.next_value::<Body<'de>>()?;
+                    body_ok = body.object;
+                    fields.model = body.model;
+                }
+                _ => {
+                    let value = map.next_value::<MaybeText<'de>>()?.0;
+                    match slot {
+                        0 => fields.custom_id = value,
+                        1 => fields.method = value,
+                        _ => fields.url = value,
+                    }
+                }
+            }
+        }
+        if !body_ok {
+            fields.model = None;
+        }
+        Ok(fields)
+    }
+}
+
+/// A request body: whether it is an object, and its `model` if that is a
+/// string given once.
+struct Body<'de> {
+    object: bool,
+    model: Option<Cow<'de, str>>,
+}
+
+impl<'de> Deserialize<'de> for Body<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(BodyVisitor)
+    }
+}
+
+struct BodyVisitor;
+
+impl<'de> BodyVisitor {
+    fn other<E>(self) -> Result<Body<'de>, E> {
+        Ok(Body {
+            object: false,
+            model: None,
+        })
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BodyVisitor {
+    type Value = Body<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a request body")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut model = None;
+        let mut models = 0;
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            if key.0 == "model" {
+                models += 1;
+                model = map.next_value::<MaybeText<'de>>()?.0;
+            } else {
+                map.next_value::<Strict>()?;
+            }
+        }
+        Ok(Body {
+            object: true,
+            model: model.filter(|_| models == 1),
+        })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        StrictVisitor.visit_seq(seq)?;
+        self.other()
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        self.other()
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        self.other()
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        self.other()
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        self.other()
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        self.other()
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        self.other()
+    }
+}
+
+/// A string, borrowed when it has no escapes.
+struct Text<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Self(
+            deserializer
+                .deserialize_any(TextVisitor)?
+                .0
+                .ok_or_else(|| serde::de::Error::custom("expected a string"))?,
+        ))
+    }
+}
+
+/// A value that is kept if it is a string, and otherwise checked and
+/// dropped.
+struct MaybeText<'de>(Option<Cow<'de, str>>);
+
+impl<'de> Deserialize<'de> for MaybeText<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TextVisitor)
+    }
+}
+
+struct TextVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TextVisitor {
+    type Value = MaybeText<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(MaybeText(Some(Cow::Borrowed(text))))
+    }
+    fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(MaybeText(Some(Cow::Owned(text.to_owned()))))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        StrictVisitor.visit_map(map)?;
+        Ok(MaybeText(None))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        StrictVisitor.visit_seq(seq)?;
+        Ok(MaybeText(None))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(MaybeText(None))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(MaybeText(None))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(MaybeText(None))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(MaybeText(None))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(MaybeText(None))
+    }
+}
+
+/// Any JSON value, read as strictly as a `Value` is (strings decoded,
+/// numbers converted) and kept nowhere. `serde::de::IgnoredAny` would
+/// skip strings and numbers without decoding them, and so accept lines a
+/// `Value` refuses.
+struct Strict;
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Strict;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<Strict, Strict>()?.is_some() {}
+        Ok(Strict)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<Strict>()?.is_some() {}
+        Ok(Strict)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Strict)
+    }
+}
+
+/// [`check_line`] on a parsed `Value`: every verdict and error message.
+fn check_line_value(raw: &[u8], endpoint: &str, line: u64) -> Result<CheckedLine, BatchError> {
     let Ok(value) = serde_json::from_slice::<Value>(raw) else {
         return Err(BatchError::at_line(
             "invalid_json_line",
@@ -1129,6 +1418,56 @@ mod tests {
         format!(
             r#"{{"custom_id":"{custom_id}","method":"POST","url":"/v1/chat/completions","body":{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}}}"#
         )
+    }
+
+    #[test]
+    fn the_one_pass_reading_agrees_with_the_value_reading() {
+        let chat = "/v1/chat/completions";
+        // Lines the one pass must take itself, with what it must read.
+        let common = [
+            (line("a", "m"), "a", "m"),
+            (
+                r#" {"body":{"messages":[{"content":"caf\u00e9 \"q\"","role":"user"}],"model":"g\u0070t","n":1.5e3,"x":[true,null,-1]},"url":"/v1/chat/completions","method":"POST","custom_id":"id\/1","extra":{"k":[1,2]}}"#.to_owned(),
+                "id/1",
+                "gpt",
+            ),
+        ];
+        for (text, id, model) in &common {
+            let fast = ValidLine::read(text.as_bytes(), chat).expect(text);
+            assert_eq!(
+                (fast.custom_id.as_str(), fast.model.as_str()),
+                (*id, *model)
+            );
+            let slow = check_line_value(text.as_bytes(), chat, 1).expect(text);
+            assert_eq!((slow.custom_id, slow.model), (fast.custom_id, fast.model));
+        }
+        // Lines it must leave to the `Value` reading, whatever that decides.
+        let base = line("a", "m");
+        let others = [
+            "not json".to_owned(),
+            "[\"a\",\"POST\",\"/v1/chat/completions\",{}]".to_owned(),
+            base.replace(r#""content":"hi""#, r#""content":"\ud800""#),
+            base.replace(r#""content":"hi""#, r#""content":1e400"#),
+            base.replace(r#""custom_id":"a""#, r#""custom_id":"a","custom_id":"b""#),
+            base.replace(r#""model":"m""#, r#""model":"m","model":"n""#),
+            base.replace(r#""model":"m""#, r#""model":7"#),
+            base.replace(r#""model":"m","#, ""),
+            base.replace(r#""custom_id":"a""#, r#""custom_id":"""#),
+            base.replace(r#""custom_id":"a""#, r#""custom_id":5"#),
+            base.replace(r#""method":"POST""#, r#""method":"GET""#),
+            base.replace("/v1/chat/completions", "/v1/embeddings"),
+            base.replace(r#""body":{"#, r#""body":[{"#)
+                .replace("}]}}", "}]}]}"),
+            format!("{base} trailing"),
+        ];
+        for text in &others {
+            assert!(ValidLine::read(text.as_bytes(), chat).is_none(), "{text}");
+        }
+        // The refusals the one pass defers to are the `Value` reading's.
+        assert!(check_line_value(others[2].as_bytes(), chat, 1).is_err());
+        assert!(check_line_value(others[3].as_bytes(), chat, 1).is_err());
+        let last = check_line_value(others[4].as_bytes(), chat, 1).expect("valid");
+        assert_eq!(last.custom_id, "b");
     }
 
     #[test]
