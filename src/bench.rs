@@ -8,7 +8,8 @@
 //!   last result. batchline runs as a child process, so its peak RSS and CPU
 //!   time are its own.
 //! - **hold**: N requests held at once (long windows, a simulator that never
-//!   finishes) at two sizes; reports the RSS slope per held request.
+//!   finishes) at several sizes; reports the RSS slope per held request,
+//!   fitted over all of them.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -685,8 +686,25 @@ async fn hold_once(opts: &BenchOptions, n: usize) -> Result<ProcStats, BenchErro
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // Let sealed windows reach the provider, then measure.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Measure once every sealed window has reached the provider: when the
+    // count of submitted batches has held still for a while.
+    let mut submitted = -1.0;
+    let mut still_since = Instant::now();
+    while still_since.elapsed() < HOLD_SETTLE {
+        if started.elapsed() > opts.timeout {
+            return Err(BenchError::Failed(
+                "hold: batches were still being submitted".to_owned(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = metric(&child.http, "batchline_batches_submitted_total")
+            .await
+            .unwrap_or(0.0);
+        if now != submitted {
+            submitted = now;
+            still_since = Instant::now();
+        }
+    }
     let stats = proc_stats(child.child.id())?;
     if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.child.id())) {
         let detail: Vec<&str> = status
@@ -710,21 +728,50 @@ async fn hold_once(opts: &BenchOptions, n: usize) -> Result<ProcStats, BenchErro
     Ok(stats)
 }
 
-/// The memory measurement at two sizes.
-pub async fn hold(opts: &BenchOptions, small: usize, large: usize) -> Result<String, BenchError> {
-    let a = hold_once(opts, small).await?;
-    let b = hold_once(opts, large).await?;
-    let slope = (b.rss_bytes as f64 - a.rss_bytes as f64) / (large - small) as f64;
-    Ok(format!(
-        "held {small:>9}: RSS {:>8.1} MiB (peak {:.1} MiB)\n\
-         held {large:>9}: RSS {:>8.1} MiB (peak {:.1} MiB)\n\
-         slope:            {slope:>8.1} bytes per held request (bodies of ~{} bytes live on disk)\n",
-        mb(a.rss_bytes),
-        mb(a.peak_rss_bytes),
-        mb(b.rss_bytes),
-        mb(b.peak_rss_bytes),
+/// How long the count of submitted batches must hold still before the
+/// memory of a hold run is read.
+const HOLD_SETTLE: Duration = Duration::from_secs(2);
+
+/// `points` sizes evenly spaced from `small` to `large`, both included.
+pub fn hold_sizes(small: usize, large: usize, points: usize) -> Vec<usize> {
+    let points = points.max(2);
+    (0..points)
+        .map(|i| small + (large.saturating_sub(small)) * i / (points - 1))
+        .collect()
+}
+
+/// The least-squares slope of `y` over `x`; `None` with fewer than two
+/// distinct `x`.
+fn slope(points: &[(f64, f64)]) -> Option<f64> {
+    let n = points.len() as f64;
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// The memory measurement at each of `sizes`.
+pub async fn hold(opts: &BenchOptions, sizes: &[usize]) -> Result<String, BenchError> {
+    let mut out = String::new();
+    let mut points = Vec::new();
+    for &n in sizes {
+        let stats = hold_once(opts, n).await?;
+        out.push_str(&format!(
+            "held {n:>9}: RSS {:>8.1} MiB (peak {:.1} MiB)\n",
+            mb(stats.rss_bytes),
+            mb(stats.peak_rss_bytes),
+        ));
+        points.push((n as f64, stats.rss_bytes as f64));
+    }
+    let slope = slope(&points)
+        .ok_or_else(|| BenchError::Failed("hold: needs two different sizes".to_owned()))?;
+    out.push_str(&format!(
+        "slope:            {slope:>8.1} bytes per held request (least squares over {} sizes; bodies of ~{} bytes live on disk)\n",
+        sizes.len(),
         opts.body_bytes,
-    ))
+    ));
+    Ok(out)
 }
 
 impl std::fmt::Debug for BatchlineChild {
@@ -739,6 +786,22 @@ impl std::fmt::Debug for BatchlineChild {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hold_sizes_are_evenly_spaced_and_the_slope_is_fitted_over_all() {
+        assert_eq!(
+            hold_sizes(250_000, 1_000_000, 4),
+            [250_000, 500_000, 750_000, 1_000_000]
+        );
+        assert_eq!(hold_sizes(10, 20, 2), [10, 20]);
+        let exact = [(1.0, 12.0), (2.0, 14.0), (3.0, 16.0)];
+        assert_eq!(slope(&exact), Some(2.0));
+        // Every point counts, not only the ends (which give 20 here).
+        let noisy = [(0.0, 0.0), (1.0, 10.0), (2.0, 20.0), (3.0, 60.0)];
+        let fitted = slope(&noisy).unwrap();
+        assert!((fitted - 19.0).abs() < 1e-9, "{fitted}");
+        assert_eq!(slope(&[(1.0, 1.0), (1.0, 2.0)]), None);
+    }
 
     #[test]
     fn bench_requests_are_valid_requests_of_about_the_asked_size() {

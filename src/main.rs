@@ -97,6 +97,10 @@ struct BenchArgs {
     hold_small: usize,
     #[arg(long, default_value_t = 1_000_000)]
     hold_large: usize,
+    /// Sizes measured in the memory run, evenly spaced from the small to
+    /// the large one; the slope is fitted over all of them.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=20))]
+    hold_points: u32,
     /// Partitions of the benchmark topics.
     #[arg(long, default_value_t = 4)]
     partitions: i32,
@@ -286,7 +290,14 @@ async fn main() -> anyhow::Result<()> {
             };
             let report = match args.mode.as_str() {
                 "throughput" => batchline::bench::throughput(&opts).await?,
-                "hold" => batchline::bench::hold(&opts, args.hold_small, args.hold_large).await?,
+                "hold" => {
+                    let sizes = batchline::bench::hold_sizes(
+                        args.hold_small,
+                        args.hold_large,
+                        args.hold_points as usize,
+                    );
+                    batchline::bench::hold(&opts, &sizes).await?
+                }
                 other => anyhow::bail!("unknown bench mode `{other}` (throughput or hold)"),
             };
             println!("{report}");
