@@ -205,6 +205,24 @@ fn init_logging(format: LogFormat) {
 }
 
 /// Cancels `token` on the first SIGINT or SIGTERM; exits at once on a second.
+/// Hands freed heap pages back to the system once a second. glibc keeps
+/// the pages of large freed buffers (fetched input, decompressed) in its
+/// heaps, so resident memory would otherwise stay at the last burst's peak
+/// rather than follow what is held (BENCHMARKS.md, 2026-12-07).
+fn spawn_memory_trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    std::thread::Builder::new()
+        .name("memory-trim".into())
+        .spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(1));
+            // SAFETY: malloc_trim takes an integer and only releases free
+            // memory; it is safe to call from any thread at any time.
+            unsafe { libc::malloc_trim(0) };
+        })
+        .map(drop)
+        .unwrap_or_else(|e| tracing::warn!(error = %e, "not trimming freed memory"));
+}
+
 fn spawn_signal_handler(token: CancellationToken) {
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -241,6 +259,7 @@ async fn main() -> anyhow::Result<()> {
             init_logging(format(cfg.log.format));
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
+            spawn_memory_trim();
             batchline::app::run(cfg, shutdown).await?;
             Ok(())
         }
