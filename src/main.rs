@@ -204,7 +204,6 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Cancels `token` on the first SIGINT or SIGTERM; exits at once on a second.
 /// Hands freed heap pages back to the system once a second. glibc keeps
 /// the pages of large freed buffers (fetched input, decompressed) in its
 /// heaps, so resident memory would otherwise stay at the last burst's peak
@@ -223,6 +222,7 @@ fn spawn_memory_trim() {
         .unwrap_or_else(|e| tracing::warn!(error = %e, "not trimming freed memory"));
 }
 
+/// Cancels `token` on the first SIGINT or SIGTERM; exits at once on a second.
 fn spawn_signal_handler(token: CancellationToken) {
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
