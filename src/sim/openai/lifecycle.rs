@@ -625,7 +625,7 @@ struct CheckedLine {
 }
 
 fn check_line(raw: &[u8], endpoint: &str, line: u64) -> Result<CheckedLine, BatchError> {
-    match ValidLine::read(raw, endpoint) {
+    match read_valid_line(raw, endpoint) {
         Some(valid) => Ok(valid),
         None => check_line_value(raw, endpoint, line),
     }
@@ -633,39 +633,40 @@ fn check_line(raw: &[u8], endpoint: &str, line: u64) -> Result<CheckedLine, Batc
 
 /// A valid chat-style request line for `endpoint`, read in one pass that
 /// builds no `Value`: the common case. `None` for anything else (an error,
-/// a repeated key, a non-string model, an embeddings request), which
+/// a repeated key, a field of another type, an embeddings request), which
 /// [`check_line_value`] then judges, so the two give the same verdicts.
 /// The pass is as strict as parsing a `Value` (every string decoded, every
 /// number in range), so it accepts no line that one would refuse.
-struct ValidLine;
-
-impl ValidLine {
-    fn read(raw: &[u8], endpoint: &str) -> Option<CheckedLine> {
-        if endpoint == "/v1/embeddings" {
-            return None;
-        }
-        let line: LineFields<'_> = serde_json::from_slice(raw).ok()?;
-        let custom_id = line.custom_id?.into_owned();
-        if custom_id.is_empty() || line.method? != "POST" || line.url? != endpoint {
-            return None;
-        }
-        Some(CheckedLine {
-            custom_id,
-            model: line.model?.into_owned(),
-            embedding_inputs: 0,
-        })
+fn read_valid_line(raw: &[u8], endpoint: &str) -> Option<CheckedLine> {
+    if endpoint == "/v1/embeddings" {
+        return None;
     }
+    let line: LineFields<'_> = serde_json::from_slice(raw).ok()?;
+    let custom_id = line.custom_id?.into_owned();
+    if custom_id.is_empty() || line.method? != "POST" || line.url? != endpoint {
+        return None;
+    }
+    Some(CheckedLine {
+        custom_id,
+        model: line.model?.into_owned(),
+        embedding_inputs: 0,
+    })
 }
 
-/// What [`ValidLine::read`] takes from a line: each field present once,
-/// as a string (`None` if absent, repeated or of another type), and the
-/// body's string `model`.
+/// What [`read_valid_line`] takes from a line: its string fields and the
+/// body's string `model`, each `None` if absent. A field of another type,
+/// a body that is not an object, or a key given twice (a `Value` keeps the
+/// last) fails the whole pass instead.
 #[derive(Default)]
 struct LineFields<'de> {
     custom_id: Option<Cow<'de, str>>,
     method: Option<Cow<'de, str>>,
     url: Option<Cow<'de, str>>,
     model: Option<Cow<'de, str>>,
+}
+
+fn repeated<E: serde::de::Error>() -> E {
+    E::custom("repeated field")
 }
 
 impl<'de> Deserialize<'de> for LineFields<'de> {
@@ -685,70 +686,45 @@ impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut fields = LineFields::default();
-        let mut seen = [false; 4];
-        let mut body_ok = false;
+        let mut body_seen = false;
         while let Some(key) = map.next_key::<Text<'de>>()? {
-            let slot = match &*key.0 {
-                "custom_id" => 0,
-                "method" => 1,
-                "url" => 2,
-                "body" => 3,
+            let field = match &*key.0 {
+                "custom_id" => &mut fields.custom_id,
+                "method" => &mut fields.method,
+                "url" => &mut fields.url,
+                "body" => {
+                    if std::mem::replace(&mut body_seen, true) {
+                        return Err(repeated());
+                    }
+                    fields.model = map.next_value::<Body<'de>>()?.model;
+                    continue;
+                }
                 _ => {
                     map.next_value::<Strict>()?;
                     continue;
                 }
             };
-            if std::mem::replace(&mut seen[slot], true) {
-                // A repeated field: the last one counts in a `Value`;
-                // leave it to that path.
-                return Err(serde::de::Error::custom("repeated field"));
+            if field.is_some() {
+                return Err(repeated());
             }
-            match slot {
-                3 => {
-                    let body = map.next_value::<Body<'de>>()?;
-                    body_ok = body.object;
-                    fields.model = body.model;
-                }
-                _ => {
-                    let value = map.next_value::<MaybeText<'de>>()?.0;
-                    match slot {
-                        0 => fields.custom_id = value,
-                        1 => fields.method = value,
-                        _ => fields.url = value,
-                    }
-                }
-            }
-        }
-        if !body_ok {
-            fields.model = None;
+            *field = Some(map.next_value::<Text<'de>>()?.0);
         }
         Ok(fields)
     }
 }
 
-/// A request body: whether it is an object, and its `model` if that is a
-/// string given once.
+/// A request body object, and its `model` if it has one.
 struct Body<'de> {
-    object: bool,
     model: Option<Cow<'de, str>>,
 }
 
 impl<'de> Deserialize<'de> for Body<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(BodyVisitor)
+        deserializer.deserialize_map(BodyVisitor)
     }
 }
 
 struct BodyVisitor;
-
-impl<'de> BodyVisitor {
-    fn other<E>(self) -> Result<Body<'de>, E> {
-        Ok(Body {
-            object: false,
-            model: None,
-        })
-    }
-}
 
 impl<'de> serde::de::Visitor<'de> for BodyVisitor {
     type Value = Body<'de>;
@@ -759,43 +735,16 @@ impl<'de> serde::de::Visitor<'de> for BodyVisitor {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut model = None;
-        let mut models = 0;
         while let Some(key) = map.next_key::<Text<'de>>()? {
-            if key.0 == "model" {
-                models += 1;
-                model = map.next_value::<MaybeText<'de>>()?.0;
-            } else {
+            if key.0 != "model" {
                 map.next_value::<Strict>()?;
+            } else if model.is_some() {
+                return Err(repeated());
+            } else {
+                model = Some(map.next_value::<Text<'de>>()?.0);
             }
         }
-        Ok(Body {
-            object: true,
-            model: model.filter(|_| models == 1),
-        })
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        StrictVisitor.visit_seq(seq)?;
-        self.other()
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        self.other()
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        self.other()
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        self.other()
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        self.other()
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        self.other()
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        self.other()
+        Ok(Body { model })
     }
 }
 
@@ -804,62 +753,24 @@ struct Text<'de>(Cow<'de, str>);
 
 impl<'de> Deserialize<'de> for Text<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(Self(
-            deserializer
-                .deserialize_any(TextVisitor)?
-                .0
-                .ok_or_else(|| serde::de::Error::custom("expected a string"))?,
-        ))
-    }
-}
-
-/// A value that is kept if it is a string, and otherwise checked and
-/// dropped.
-struct MaybeText<'de>(Option<Cow<'de, str>>);
-
-impl<'de> Deserialize<'de> for MaybeText<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(TextVisitor)
+        deserializer.deserialize_str(TextVisitor)
     }
 }
 
 struct TextVisitor;
 
 impl<'de> serde::de::Visitor<'de> for TextVisitor {
-    type Value = MaybeText<'de>;
+    type Value = Text<'de>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
+        f.write_str("a string")
     }
 
     fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
-        Ok(MaybeText(Some(Cow::Borrowed(text))))
+        Ok(Text(Cow::Borrowed(text)))
     }
     fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
-        Ok(MaybeText(Some(Cow::Owned(text.to_owned()))))
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        StrictVisitor.visit_map(map)?;
-        Ok(MaybeText(None))
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        StrictVisitor.visit_seq(seq)?;
-        Ok(MaybeText(None))
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(MaybeText(None))
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(MaybeText(None))
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(MaybeText(None))
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(MaybeText(None))
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(MaybeText(None))
+        Ok(Text(Cow::Owned(text.to_owned())))
     }
 }
 
@@ -1433,7 +1344,7 @@ mod tests {
             ),
         ];
         for (text, id, model) in &common {
-            let fast = ValidLine::read(text.as_bytes(), chat).expect(text);
+            let fast = read_valid_line(text.as_bytes(), chat).expect(text);
             assert_eq!(
                 (fast.custom_id.as_str(), fast.model.as_str()),
                 (*id, *model)
@@ -1461,7 +1372,7 @@ mod tests {
             format!("{base} trailing"),
         ];
         for text in &others {
-            assert!(ValidLine::read(text.as_bytes(), chat).is_none(), "{text}");
+            assert!(read_valid_line(text.as_bytes(), chat).is_none(), "{text}");
         }
         // The refusals the one pass defers to are the `Value` reading's.
         assert!(check_line_value(others[2].as_bytes(), chat, 1).is_err());
